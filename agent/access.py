@@ -1,0 +1,576 @@
+"""The access service: a tap, a tablet command or a button press becomes a durable decision and a reply.
+
+Transport-neutral: the MQTT dispatcher, the firmware bridges and the local API all call these methods. Each
+decision, its session change, its ledger entry and its events (with one delivery row per destination) commit
+in one transaction before the reply exists, so a device is never told about something that could be lost.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import aiosqlite
+
+from .clock import Clock
+from .config import Config, DeviceConfig
+from .domain.decide import decide
+from .domain.messages import Language, denial_message, message
+from .domain.model import Action, Court, Decision, Direction, Now, OpenSession, Policy, Reason
+from .domain.sessions import duration_minutes, highlight_window, overdue
+from .errors import StoreError
+from .logs import OnceLogger, get_logger
+from .metrics import Metrics
+from .store import repo
+from .store.db import Database
+from .store.repo import NewEvent, Stamp, iso, new_id
+
+log = get_logger("agent.access")
+ANSWER_MEMORY = 4096  # recent (device, msg_id) answers kept in memory in front of the table
+ANSWER_RETENTION = timedelta(days=2)
+LAST_TRUSTED_KEY = "last_trusted_ms"
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened and what to tell the device; `courts` lists courts whose state changed."""
+
+    response: dict[str, Any]
+    decision: Decision | None = None
+    first_name: str | None = None
+    replayed: bool = False
+    courts: frozenset[str] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True, slots=True)
+class _Recent:
+    mono_ns: int
+    response: dict[str, Any]
+
+
+class AccessService:
+    def __init__(self, db: Database, config: Config, clock: Clock, boot_id: str, metrics: Metrics) -> None:
+        self._db = db
+        self._config = config
+        self._clock = clock
+        self._boot_id = boot_id
+        self._metrics = metrics
+        self._language = Language(config.agent.language)
+        self._policy: Policy = config.domain_policy()
+        self.courts: Mapping[str, Court] = config.domain_courts()
+        self._devices: dict[str, DeviceConfig] = {d.id: d for d in config.devices}
+        self._destinations = config.destinations
+        self._debounce_ns = int(config.policy.debounce_s * 1e9)
+        self._default_max = timedelta(minutes=config.policy.session_max_minutes)
+        self._answers: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
+        self._recent: dict[tuple[str, str], _Recent] = {}
+        self._last_trusted: datetime | None = None
+        self._once = OnceLogger(log)
+
+    async def start(self) -> None:
+        raw = await repo.get_kv(self._db, LAST_TRUSTED_KEY)
+        self._last_trusted = repo.from_ms(int(raw)) if raw else None
+        await self.record_trusted_time()
+
+    def device(self, device_id: str) -> DeviceConfig | None:
+        return self._devices.get(device_id)
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+
+    def _stamp(self) -> Stamp:
+        return Stamp(self._clock.wall(), self._clock.monotonic_ns(), self._boot_id, self._clock.synced())
+
+    def _now(self, stamp: Stamp) -> Now:
+        return Now(wall=stamp.wall, trusted=stamp.clock_synced, last_trusted=self._last_trusted)
+
+    def _remember(self, device_id: str, msg_id: str | None, response: dict[str, Any]) -> None:
+        if msg_id is None:
+            return
+        self._answers[(device_id, msg_id)] = response
+        if len(self._answers) > ANSWER_MEMORY:
+            self._answers.popitem(last=False)
+
+    def _replay(self, device_id: str, msg_id: str | None) -> dict[str, Any] | None:
+        if msg_id is None:
+            return None
+        return self._answers.get((device_id, msg_id))
+
+    def denial(self, reason: Reason, msg_id: str | None) -> dict[str, Any]:
+        """A reply for a request refused before any decision (bad payload, unknown reader, flood)."""
+        return {
+            "msg_id": msg_id,
+            "status": "denied",
+            "action": Action.NONE.value,
+            "reason": reason.value,
+            "message": denial_message(reason, self._language),
+            "color": "red",
+        }
+
+    def _reply(
+        self, decision: Decision, first_name: str | None, msg_id: str | None, session_id: str | None
+    ) -> dict[str, Any]:
+        reply: dict[str, Any] = {
+            "msg_id": msg_id,
+            "status": "granted" if decision.granted else "denied",
+            "action": decision.action.value,
+            "reason": decision.reason.value,
+            "message": message(decision, first_name, self._language),
+            "color": "green" if decision.granted else "red",
+        }
+        if decision.member_id is not None:
+            reply["member_id"] = decision.member_id
+        if session_id is not None:
+            reply["session_id"] = session_id
+        if decision.credits_after is not None:
+            reply["credits_left"] = decision.credits_after
+        return reply
+
+    # -- taps --------------------------------------------------------------------------------------------------
+
+    async def scan(self, reader_id: str, card_id: str, msg_id: str | None) -> Outcome:
+        """A card read at a reader (MQTT or a directly attached bridge)."""
+        reader = self._devices.get(reader_id)
+        if reader is None or reader.kind != "reader" or reader.court is None or reader.court not in self.courts:
+            self._metrics.scans.labels(reader_id, "denied", Reason.UNKNOWN_READER.value).inc()
+            self._once.warning("scan_from_unknown_reader", reader_id, reader=reader_id)
+            return Outcome(self.denial(Reason.UNKNOWN_READER, msg_id))
+        return await self._decide_tap(
+            device_id=reader_id,
+            court=self.courts[reader.court],
+            direction=reader.direction,
+            msg_id=msg_id,
+            card_id=card_id,
+        )
+
+    async def tablet_checkin(
+        self,
+        tablet_id: str,
+        court_id: str,
+        msg_id: str | None,
+        *,
+        card_id: str | None = None,
+        member_code: str | None = None,
+    ) -> Outcome:
+        court = self.courts.get(court_id)
+        if court is None:
+            return Outcome(self.denial(Reason.INVALID_REQUEST, msg_id))
+        return await self._decide_tap(
+            device_id=tablet_id,
+            court=court,
+            direction=Direction.IN,
+            msg_id=msg_id,
+            card_id=card_id,
+            member_code=member_code,
+        )
+
+    async def _decide_tap(
+        self,
+        *,
+        device_id: str,
+        court: Court,
+        direction: Direction,
+        msg_id: str | None,
+        card_id: str | None = None,
+        member_code: str | None = None,
+    ) -> Outcome:
+        started = time.perf_counter()
+        replay = self._replay(device_id, msg_id)
+        if replay is not None:
+            self._metrics.replayed.labels("msg_id").inc()
+            return Outcome(replay, replayed=True)
+        credential = card_id if card_id is not None else f"code:{member_code}"
+        recent = self._recent.get((device_id, credential))
+        mono = self._clock.monotonic_ns()
+        if recent is not None and mono - recent.mono_ns < self._debounce_ns:
+            self._metrics.replayed.labels("debounce").inc()
+            return Outcome({**recent.response, "msg_id": msg_id}, replayed=True)
+
+        try:
+            outcome = await self._decide_in_transaction(
+                device_id=device_id,
+                court=court,
+                direction=direction,
+                msg_id=msg_id,
+                card_id=card_id,
+                member_code=member_code,
+            )
+        except StoreError as exc:
+            self._metrics.store_errors.labels("decision").inc()
+            self._once.warning("decision_not_recorded", type(exc).__name__, error=str(exc))
+            self._metrics.scans.labels(device_id, "denied", Reason.UNAVAILABLE.value).inc()
+            return Outcome(self.denial(Reason.UNAVAILABLE, msg_id))
+
+        if outcome.replayed:
+            self._metrics.replayed.labels("msg_id").inc()
+        else:
+            decision = outcome.decision
+            assert decision is not None
+            self._metrics.decision_seconds.observe(time.perf_counter() - started)
+            self._metrics.scans.labels(device_id, outcome.response["status"], decision.reason.value).inc()
+            if decision.action is Action.CHECKIN:
+                self._metrics.sessions.labels("opened", "tap").inc()
+            elif decision.action is Action.CHECKOUT:
+                self._metrics.sessions.labels("closed", "tap").inc()
+        self._remember(device_id, msg_id, outcome.response)
+        self._recent[(device_id, credential)] = _Recent(mono, outcome.response)
+        if len(self._recent) > 1024:
+            horizon = mono - self._debounce_ns
+            self._recent = {k: v for k, v in self._recent.items() if v.mono_ns >= horizon}
+        return outcome
+
+    async def _decide_in_transaction(
+        self,
+        *,
+        device_id: str,
+        court: Court,
+        direction: Direction,
+        msg_id: str | None,
+        card_id: str | None,
+        member_code: str | None,
+    ) -> Outcome:
+        async with self._db.transaction("recording a decision") as conn:
+            if msg_id is not None:
+                prior = await repo.answered(conn, device_id, msg_id)
+                if prior is not None:
+                    return Outcome(prior, replayed=True)
+            stamp = self._stamp()
+            found = await repo.lookup(conn, card_id=card_id, member_code=member_code)
+            decision = decide(found.member, court, direction, self._now(stamp), found.state, found.cache, self._policy)
+            first_name = found.member.first_name if found.member else None
+            session_id = await self._apply(
+                conn,
+                stamp,
+                decision,
+                device_id=device_id,
+                court=court,
+                card_id=card_id,
+                msg_id=msg_id,
+                started_at=(found.state.open_session.started_at if found.state.open_session else None),
+            )
+            response = self._reply(decision, first_name, msg_id, session_id)
+            if msg_id is not None:
+                await repo.remember_answer(conn, device_id, msg_id, response, stamp.wall)
+        changed = frozenset({court.court_id}) if decision.action is not Action.NONE else frozenset()
+        return Outcome(response, decision=decision, first_name=first_name, courts=changed)
+
+    async def _apply(
+        self,
+        conn: aiosqlite.Connection,
+        stamp: Stamp,
+        decision: Decision,
+        *,
+        device_id: str,
+        court: Court,
+        card_id: str | None,
+        msg_id: str | None,
+        started_at: datetime | None,
+    ) -> str | None:
+        """Write the decision's effects and events; returns the session it opened or closed."""
+        session_id = decision.session_id
+        if decision.action is Action.CHECKIN:
+            session_id = new_id()
+            assert decision.member_id is not None
+            await repo.open_session(
+                conn,
+                session_id=session_id,
+                member_id=decision.member_id,
+                court_id=court.court_id,
+                card_id=card_id,
+                opened_by=device_id,
+                started_at=stamp.wall,
+                list_version=decision.list_version,
+            )
+        elif decision.action is Action.CHECKOUT:
+            assert session_id is not None
+            await repo.close_session(conn, session_id, stamp.wall, "tap")
+        events = [
+            NewEvent(
+                "access.decided",
+                {
+                    "device_id": device_id,
+                    "court_id": court.court_id,
+                    "card_id": card_id,
+                    "result": "granted" if decision.granted else "denied",
+                    "action": decision.action.value,
+                    "reason": decision.reason.value,
+                    "member_id": decision.member_id,
+                    "list_version": decision.list_version,
+                    "msg_id": msg_id,
+                    "session_id": session_id,
+                },
+                session_id=session_id,
+                device_id=device_id,
+            )
+        ]
+        if decision.action is Action.CHECKIN:
+            events.append(
+                NewEvent(
+                    "session.started",
+                    {
+                        "session_id": session_id,
+                        "member_id": decision.member_id,
+                        "court_id": court.court_id,
+                        "card_id": card_id,
+                        "device_id": device_id,
+                        "started_at": iso(stamp.wall),
+                        "credits_spent": decision.cost,
+                        "list_version": decision.list_version,
+                    },
+                    session_id=session_id,
+                    device_id=device_id,
+                )
+            )
+        elif decision.action is Action.CHECKOUT and started_at is not None:
+            events.append(
+                self._ended_event(
+                    session_id, decision.member_id, court.court_id, started_at, stamp.wall, "tap", device_id
+                )
+            )
+        written = await repo.append_events(conn, stamp, events, self._destinations)
+        if decision.action is Action.CHECKIN and decision.cost:
+            assert decision.member_id is not None
+            assert session_id is not None
+            await repo.spend_credits(conn, decision.member_id, decision.cost, session_id, written[-1][1], stamp.wall)
+        return session_id
+
+    @staticmethod
+    def _ended_event(
+        session_id: str | None,
+        member_id: str | None,
+        court_id: str,
+        started_at: datetime,
+        ended_at: datetime,
+        reason: str,
+        device_id: str | None,
+    ) -> NewEvent:
+        return NewEvent(
+            "session.ended",
+            {
+                "session_id": session_id,
+                "member_id": member_id,
+                "court_id": court_id,
+                "started_at": iso(started_at),
+                "ended_at": iso(ended_at),
+                "duration_minutes": duration_minutes(started_at, ended_at),
+                "end_reason": reason,
+            },
+            session_id=session_id,
+            device_id=device_id,
+        )
+
+    # -- tablet checkout ---------------------------------------------------------------------------------------
+
+    async def tablet_checkout(
+        self,
+        tablet_id: str,
+        court_id: str,
+        msg_id: str | None,
+        *,
+        session_id: str | None = None,
+        card_id: str | None = None,
+    ) -> Outcome:
+        """An explicit checkout from a court tablet: no toggle rules, only "is there such a session here"."""
+        replay = self._replay(tablet_id, msg_id)
+        if replay is not None:
+            return Outcome(replay, replayed=True)
+        try:
+            async with self._db.transaction("recording a checkout") as conn:
+                if msg_id is not None and (prior := await repo.answered(conn, tablet_id, msg_id)) is not None:
+                    return Outcome(prior, replayed=True)
+                stamp = self._stamp()
+                row = None
+                if session_id is not None:
+                    row = await repo.session_by_id(conn, session_id)
+                elif card_id is not None:
+                    found = await repo.lookup(conn, card_id=card_id)
+                    if found.state.open_session is not None:
+                        row = await repo.session_by_id(conn, found.state.open_session.session_id)
+                if row is None or row["ended_at"] is not None or row["court_id"] != court_id:
+                    response = self.denial(Reason.NO_OPEN_SESSION, msg_id)
+                    changed: frozenset[str] = frozenset()
+                else:
+                    started_at = repo.from_ms(row["started_at"])
+                    await repo.close_session(conn, row["session_id"], stamp.wall, "tablet")
+                    await repo.append_events(
+                        conn,
+                        stamp,
+                        [
+                            self._ended_event(
+                                row["session_id"],
+                                row["member_id"],
+                                court_id,
+                                started_at,
+                                stamp.wall,
+                                "tablet",
+                                tablet_id,
+                            )
+                        ],
+                        self._destinations,
+                    )
+                    response = {
+                        "msg_id": msg_id,
+                        "status": "ok",
+                        "action": "checkout",
+                        "session_id": row["session_id"],
+                        "member_id": row["member_id"],
+                        "duration_minutes": duration_minutes(started_at, stamp.wall),
+                    }
+                    changed = frozenset({court_id})
+                if msg_id is not None:
+                    await repo.remember_answer(conn, tablet_id, msg_id, response, stamp.wall)
+        except StoreError as exc:
+            self._metrics.store_errors.labels("checkout").inc()
+            self._once.warning("checkout_not_recorded", type(exc).__name__, error=str(exc))
+            return Outcome(self.denial(Reason.UNAVAILABLE, msg_id))
+        if changed:
+            self._metrics.sessions.labels("closed", "tablet").inc()
+        self._remember(tablet_id, msg_id, response)
+        return Outcome(response, courts=changed)
+
+    # -- highlight button --------------------------------------------------------------------------------------
+
+    async def button(self, court_id: str, button_id: str, msg_id: str | None, kind: str = "short") -> Outcome:
+        """A highlight press: recorded even without a session (the cloud may still cut it from its stream)."""
+        replay = self._replay(button_id, msg_id)
+        if replay is not None:
+            return Outcome(replay, replayed=True)
+        try:
+            async with self._db.transaction("recording a highlight") as conn:
+                if msg_id is not None and (prior := await repo.answered(conn, button_id, msg_id)) is not None:
+                    return Outcome(prior, replayed=True)
+                stamp = self._stamp()
+                sessions = await repo.open_sessions(conn, court_id)
+                # Padel has four players; the highlight belongs to the court's earliest open session.
+                session = sessions[0] if sessions else None
+                start, duration = highlight_window(stamp.wall, session.started_at if session else None)
+                highlight_id = new_id()
+                await repo.insert_highlight(
+                    conn,
+                    highlight_id=highlight_id,
+                    court_id=court_id,
+                    session_id=session.session_id if session else None,
+                    button_id=button_id,
+                    pressed_at=stamp.wall,
+                    start_at=start,
+                    duration_ms=int(duration.total_seconds() * 1000),
+                    kind=kind,
+                )
+                await repo.append_events(
+                    conn,
+                    stamp,
+                    [
+                        NewEvent(
+                            "highlight.created",
+                            {
+                                "highlight_id": highlight_id,
+                                "court_id": court_id,
+                                "session_id": session.session_id if session else None,
+                                "session_ids": [s.session_id for s in sessions],
+                                "button_id": button_id,
+                                "kind": kind,
+                                "pressed_at": iso(stamp.wall),
+                                "start_at": iso(start),
+                                "duration_s": duration.total_seconds(),
+                                "triggered_by": "button",
+                            },
+                            session_id=session.session_id if session else None,
+                            device_id=button_id,
+                        )
+                    ],
+                    self._destinations,
+                )
+                response = {
+                    "msg_id": msg_id,
+                    "status": "ok" if session else "no_session",
+                    "highlight_id": highlight_id,
+                    "start_at": iso(start),
+                    "duration_s": duration.total_seconds(),
+                }
+                if msg_id is not None:
+                    await repo.remember_answer(conn, button_id, msg_id, response, stamp.wall)
+        except StoreError as exc:
+            self._metrics.store_errors.labels("highlight").inc()
+            self._once.warning("highlight_not_recorded", type(exc).__name__, error=str(exc))
+            return Outcome({"msg_id": msg_id, "status": "error", "reason": Reason.UNAVAILABLE.value})
+        self._metrics.highlights.labels(response["status"]).inc()
+        self._remember(button_id, msg_id, response)
+        return Outcome(response, courts=frozenset({court_id}))
+
+    # -- housekeeping ------------------------------------------------------------------------------------------
+
+    async def sweep(self) -> frozenset[str]:
+        """Close sessions nobody closed, forget old answers, note trusted time. Returns changed courts."""
+        stamp = self._stamp()
+        await self.record_trusted_time()
+        opened = await repo.open_sessions(self._db.reader)
+        late = overdue(
+            (OpenSession(s.session_id, s.member_id, s.court_id, s.started_at) for s in opened),
+            self.courts,
+            stamp.wall,
+            self._default_max,
+        )
+        changed = set()
+        for session in late:
+            async with self._db.transaction("closing an overdue session") as conn:
+                if await repo.close_session(conn, session.session_id, stamp.wall, Reason.AUTO_TIMEOUT.value):
+                    await repo.append_events(
+                        conn,
+                        stamp,
+                        [
+                            self._ended_event(
+                                session.session_id,
+                                session.member_id,
+                                session.court_id,
+                                session.started_at,
+                                stamp.wall,
+                                Reason.AUTO_TIMEOUT.value,
+                                None,
+                            )
+                        ],
+                        self._destinations,
+                    )
+                    changed.add(session.court_id)
+                    self._metrics.sessions.labels("closed", Reason.AUTO_TIMEOUT.value).inc()
+            log.info("session_auto_closed", session_id=session.session_id, court=session.court_id)
+        await repo.forget_answers_before(self._db, stamp.wall - ANSWER_RETENTION)
+        return frozenset(changed)
+
+    async def record_trusted_time(self) -> None:
+        """Remember the latest synced wall time, so a reboot without RTC can judge dates (policy last_known)."""
+        if not self._clock.synced():
+            return
+        wall = self._clock.wall()
+        if self._last_trusted is not None and wall <= self._last_trusted:
+            return
+        self._last_trusted = wall
+        async with self._db.transaction("recording trusted time") as conn:
+            await repo.set_kv(conn, LAST_TRUSTED_KEY, str(repo.to_ms(wall)))
+
+    async def court_state(self, court_id: str) -> dict[str, Any]:
+        """The retained picture of one court for its tablets and displays."""
+        conn = self._db.reader
+        sessions = await repo.open_sessions(conn, court_id)
+        since = sessions[0].started_at if sessions else None
+        count = await repo.highlight_count(conn, court_id, since) if since else 0
+        court = self.courts[court_id]
+        return {
+            "court_id": court_id,
+            "name": court.name,
+            "occupied": bool(sessions),
+            "players": [
+                {
+                    "session_id": s.session_id,
+                    "member_id": s.member_id,
+                    "first_name": s.first_name,
+                    "started_at": iso(s.started_at),
+                    "credits_left": s.credits_left,
+                }
+                for s in sessions
+            ],
+            "highlight_count": count,
+            "updated_at": iso(self._clock.wall()),
+        }

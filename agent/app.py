@@ -1,0 +1,140 @@
+"""Composition root: builds every part and runs them in one TaskGroup until cancelled.
+
+devices ──MQTT──▶ EmbeddedBroker ──▶ Dispatcher ──▶ AccessService ──▶ Database (decision + events)
+                               ◀── replies, court state ◀──┘
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+
+from .access import AccessService
+from .clock import Clock, SystemClock, TrustedClock, boot_id
+from .config import AGENT_USERNAME, Config
+from .errors import StoreError
+from .lan.auth import DeviceDirectory
+from .lan.broker import EmbeddedBroker
+from .lan.dispatcher import Dispatcher
+from .lan.presence import Presence
+from .logs import get_logger
+from .metrics import Metrics
+from .store.db import Database
+from .web.server import make_app
+
+log = get_logger("agent.app")
+SWEEP_INTERVAL_S = 30.0
+
+
+class Agent:
+    """`await Agent(config).run()` serves until cancelled; `ready` is set once devices can be answered."""
+
+    def __init__(self, config: Config, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock = clock or (TrustedClock() if config.agent.trust_clock else SystemClock())
+        self.metrics = Metrics()
+        self.presence = Presence()
+        self.ready = asyncio.Event()
+        self.broker_port: int | None = None
+        self.ws_port: int | None = None
+        self.api_port: int | None = None
+        self.service: AccessService | None = None
+        self.dispatcher: Dispatcher | None = None
+        self.sweep_interval = SWEEP_INTERVAL_S
+        self.on_ready: Callable[[Agent], None] | None = None
+        # The agent's own broker account: a fresh random password each start, never written anywhere.
+        self._agent_password = secrets.token_urlsafe(24)
+
+    async def run(self) -> None:
+        cfg = self.config
+        directory = DeviceDirectory(
+            cfg.devices,
+            agent_password=self._agent_password,
+            allow_anonymous=cfg.broker.allow_anonymous,
+            on_denied=lambda action, user: self.metrics.rejected.labels(f"acl_{action}", "denied").inc(),
+        )
+        async with Database(cfg.db_path) as db, EmbeddedBroker(cfg.broker, directory) as broker:
+            self.broker_port, self.ws_port = broker.port, broker.ws_port
+            service = AccessService(db, cfg, self.clock, boot_id(), self.metrics)
+            await service.start()
+            count = await db.fetchone("SELECT members FROM member_list WHERE id = 1")
+            self.metrics.members_cached.set(count[0] if count else 0)
+            dispatcher = Dispatcher(service, cfg, self.metrics, self.presence, self.clock)
+            self.service, self.dispatcher = service, dispatcher
+            runner = await self._start_web(broker, db)
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(dispatcher.run("127.0.0.1", broker.port, AGENT_USERNAME, self._agent_password))
+                    tg.create_task(self._sweeper(service, dispatcher))
+                    tg.create_task(self._announce_ready(dispatcher))
+            finally:
+                await dispatcher.announce_offline()
+                if runner is not None:
+                    await runner.cleanup()
+                log.info("agent_stopped")
+
+    async def _start_web(self, broker: EmbeddedBroker, db: Database) -> web.AppRunner | None:
+        if not self.config.api.enabled:
+            return None
+
+        def readiness() -> dict[str, bool]:
+            return {
+                "broker": broker.client_count > 0,
+                "agent_mqtt": bool(self.dispatcher and self.dispatcher.connected.is_set()),
+            }
+
+        runner = web.AppRunner(make_app(self.metrics, readiness), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.config.api.host, self.config.api.port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.api_port = int(sockets[0].getsockname()[1]) if sockets else self.config.api.port
+        return runner
+
+    async def _announce_ready(self, dispatcher: Dispatcher) -> None:
+        await dispatcher.connected.wait()
+        self.ready.set()
+        log.info(
+            "agent_ready",
+            broker_port=self.broker_port,
+            api_port=self.api_port,
+            devices=len(self.config.devices),
+            courts=len(self.config.courts),
+        )
+        if self.on_ready is not None:
+            self.on_ready(self)
+
+    async def _sweeper(self, service: AccessService, dispatcher: Dispatcher) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            try:
+                changed = await service.sweep()
+            except StoreError as exc:  # a full or read-only disk must not stop the door
+                self.metrics.store_errors.labels("sweep").inc()
+                log.warning("sweep_failed", error=str(exc))
+                continue
+            for court_id in changed:
+                await dispatcher.publish_court(court_id)
+
+
+@contextlib.asynccontextmanager
+async def running(agent: Agent) -> AsyncIterator[Agent]:
+    """Run `agent` in the background until the block ends; raises its start-up error if it fails to start."""
+    task = asyncio.create_task(agent.run(), name="agent")
+    ready = asyncio.create_task(agent.ready.wait())
+    done, _ = await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        ready.cancel()
+        task.result()
+        raise RuntimeError("agent stopped before it was ready")
+    try:
+        yield agent
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -1,0 +1,252 @@
+"""`club-agent`: run, demo, config check, members import/show, devices hash-password, store recover.
+
+Exit codes: 0 ok, 2 usage or configuration error, 1 runtime failure. Errors are one clear line; `--debug`
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import secrets
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from .config import DEFAULT_CONFIG_PATH, Config, load_config
+from .errors import AgentError, ConfigError
+from .logs import configure
+from .store import repo
+from .store.db import Database, recover
+from .store.members import apply_members, read_member_file
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Club edge agent: embedded MQTT broker, offline-first check-ins, durable sync.",
+)
+config_app = typer.Typer(no_args_is_help=True, help="Check configuration files.")
+members_app = typer.Typer(no_args_is_help=True, help="The local member cache.")
+devices_app = typer.Typer(no_args_is_help=True, help="Device credentials.")
+store_app = typer.Typer(no_args_is_help=True, help="The SQLite store.")
+app.add_typer(config_app, name="config")
+app.add_typer(members_app, name="members")
+app.add_typer(devices_app, name="devices")
+app.add_typer(store_app, name="store")
+
+out = Console()
+err = Console(stderr=True)
+_debug = False
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Agent config file (TOML).")]
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    global _debug
+    _debug = debug
+    if version:
+        out.print(f"club-agent {__version__}")
+        raise typer.Exit(0)
+
+
+def _load(path: Path) -> Config:
+    return load_config(path)
+
+
+@app.command()
+def run(config: ConfigOpt = DEFAULT_CONFIG_PATH) -> None:
+    """Run broker, decisions and API until SIGTERM or Ctrl-C."""
+    import signal
+
+    from .app import Agent
+
+    cfg = _load(config)
+    configure(level="debug" if _debug else "info")
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await Agent(cfg).run()
+
+    asyncio.run(main())
+
+
+@app.command()
+def demo(
+    duration: Annotated[float, typer.Option(help="Stop after this many seconds (0: until Ctrl-C).")] = 0,
+    pace: Annotated[float, typer.Option(help="Mean seconds between simulated taps.")] = 1.0,
+    members: Annotated[int, typer.Option(help="Demo members to seed.", min=20, max=100_000)] = 60,
+) -> None:
+    """Everything on loopback with seeded members and simulated readers, button and tablet."""
+    from .demo import run_demo
+
+    configure(json=False, level="debug" if _debug else "warning")
+    try:
+        asyncio.run(run_demo(duration or None, pace, members, out))
+    except KeyboardInterrupt:
+        out.print("stopped")
+
+
+@config_app.command("check")
+def config_check(path: Annotated[Path, typer.Argument(help="Config file to validate.")]) -> None:
+    """Validate a config file (and its secrets file); exit 2 naming the key if it is wrong."""
+    cfg = _load(path)
+    out.print(
+        f"[green]OK[/] {path}: club {cfg.agent.club_id}, agent {cfg.agent.agent_id}, "
+        f"{len(cfg.courts)} courts, {len(cfg.devices)} devices, destinations: "
+        f"{', '.join(cfg.destinations) or 'none'}"
+    )
+
+
+@members_app.command("import")
+def members_import(
+    file: Annotated[Path, typer.Argument(help='CSV (header row) or JSON (list, or {"members": [...]}).')],
+    config: ConfigOpt = DEFAULT_CONFIG_PATH,
+    replace: Annotated[
+        bool, typer.Option(help="Replace the whole list (members not in the file are removed).")
+    ] = False,
+    fmt: Annotated[str, typer.Option("--format", help="auto, csv or json.")] = "auto",
+    synced: Annotated[bool, typer.Option(help="Mark the list as freshly synced (resets the cache age).")] = False,
+) -> None:
+    """Import members into the local cache, atomically, bumping the member-list version."""
+    if fmt not in ("auto", "csv", "json"):
+        raise typer.BadParameter("expected auto, csv or json", param_hint="--format")
+    cfg = _load(config)
+    records = read_member_file(file, fmt)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        async with Database(cfg.db_path) as db:
+            with Progress(
+                TextColumn("importing"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=err,
+                transient=True,
+            ) as progress:
+                task = progress.add_task("import", total=len(records))
+                result = await apply_members(
+                    db,
+                    records,
+                    tz=cfg.domain_policy().timezone,
+                    source=f"import:{file.name}",
+                    replace=replace,
+                    synced_at=datetime.now(UTC) if synced else None,
+                    progress=lambda n: progress.advance(task, n),
+                )
+        out.print(
+            f"[green]imported[/] {result.upserted} members, {result.deleted} removed; "
+            f"{result.members} in cache; member list version {result.version}"
+        )
+
+    asyncio.run(main())
+
+
+@members_app.command("show")
+def members_show(
+    key: Annotated[str, typer.Argument(help="A card id (any separators) or a member id.")],
+    config: ConfigOpt = DEFAULT_CONFIG_PATH,
+) -> None:
+    """Show one member: status, cards, credits with unconfirmed local spending, open session."""
+    from .domain.decide import effective_credits
+    from .domain.model import normalize_card_id
+
+    cfg = _load(config)
+
+    async def main() -> int:
+        async with Database(cfg.db_path) as db:
+            found = None
+            with contextlib.suppress(ValueError):  # not a card id: try it as a member id below
+                found = await repo.lookup(db.reader, card_id=normalize_card_id(key))
+            if found is None or found.member is None:
+                found = await repo.lookup(db.reader, member_id=key)
+            if found.member is None:
+                err.print(f"no member with card or id '{key}' (member list v{found.cache.version})")
+                return 1
+            m = found.member
+            cards = await repo.cards_of(db.reader, m.member_id)
+            table = Table(show_header=False, box=None)
+            table.add_row("member", f"{m.member_id}  {m.first_name}")
+            table.add_row("status", m.status.value)
+            table.add_row("cards", ", ".join(cards) or "-")
+            table.add_row("valid", f"{m.valid_from or '-'} .. {m.valid_until or '-'}")
+            credits = effective_credits(m, found.state)
+            table.add_row(
+                "credits",
+                "-" if credits is None else f"{credits} (synced {m.credits}, local {found.state.pending_credits:+d})",
+            )
+            table.add_row("groups", ", ".join(sorted(m.groups)) or "-")
+            s = found.state.open_session
+            table.add_row(
+                "session",
+                f"open on {s.court_id} since {s.started_at:%Y-%m-%d %H:%M} ({s.session_id})" if s else "none open",
+            )
+            table.add_row("list", f"version {found.cache.version}, synced {found.cache.synced_at or 'never'}")
+            out.print(table)
+            return 0
+
+    code = asyncio.run(main())
+    if code:
+        raise typer.Exit(code)
+
+
+@devices_app.command("hash-password")
+def devices_hash_password(
+    generate: Annotated[bool, typer.Option(help="Generate a random password and print it with its hash.")] = False,
+) -> None:
+    """Print the argon2 hash to put in a device's password_hash."""
+    from .lan.auth import hash_password
+
+    if generate:
+        password = secrets.token_urlsafe(18)
+        out.print(f"password: {password}")
+    else:
+        password = getpass.getpass("device password: ") if sys.stdin.isatty() else sys.stdin.readline().strip()
+        if len(password) < 12:
+            raise typer.BadParameter("use at least 12 characters (or --generate)", param_hint="password")
+    out.print(f'password_hash = "{hash_password(password)}"')
+
+
+@store_app.command("recover")
+def store_recover(config: ConfigOpt = DEFAULT_CONFIG_PATH) -> None:
+    """Move a corrupt database aside and salvage every readable row into a fresh one (agent stopped)."""
+    cfg = _load(config)
+    report = asyncio.run(recover(cfg.db_path))
+    for table, result in report.items():
+        out.print(f"{table:<16} {result}")
+
+
+def main() -> None:
+    """Entry point: typer handles usage errors (exit 2); our errors become one line."""
+    try:
+        app()
+    except ConfigError as exc:
+        if _debug:
+            raise
+        err.print(f"[red]config error[/]: {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except AgentError as exc:
+        if _debug:
+            raise
+        err.print(f"[red]error[/]: {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,430 @@
+"""Configuration: one TOML file plus a secrets file, validated by pydantic.
+
+Errors name the key, the value and what is expected, e.g.
+`agent.toml: courts[0].hours[0].from = '25:00': expected a time HH:MM (00:00-24:00)`.
+Every scalar key can be overridden by an environment variable `CLUB_AGENT_<SECTION>__<KEY>`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Mapping
+from datetime import time, timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import argon2
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .domain.messages import Language
+from .domain.model import Court, Direction, Policy, SecondTap, TimeWindow, UntrustedClock
+from .errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/club-agent/agent.toml")
+ENV_PREFIX = "CLUB_AGENT_"
+AGENT_USERNAME = "agent"  # the agent's own MQTT account; no device may take it
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_DAYS = {"mon": 1, "tue": 2, "wed": 3, "thu": 4, "fri": 5, "sat": 6, "sun": 7}
+_DAY_NAMES = {
+    **_DAYS,
+    "monday": 1,
+    "tuesday": 2,
+    "wednesday": 3,
+    "thursday": 4,
+    "friday": 5,
+    "saturday": 6,
+    "sunday": 7,
+}
+_SECRET_MARKERS = ("password", "secret", "token", "api_key", "apikey")
+
+
+class KeyedError(ValueError):
+    """A cross-field problem that knows which key to blame."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def _parse_day(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("expected a weekday name (mon..sun) or number 1..7")
+    if isinstance(value, int) and 1 <= value <= 7:
+        return value
+    if isinstance(value, str) and value.strip().lower() in _DAY_NAMES:
+        return _DAY_NAMES[value.strip().lower()]
+    raise ValueError("expected a weekday name (mon..sun) or number 1..7")
+
+
+def _parse_hhmm(value: Any) -> time:
+    if isinstance(value, time):
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"(\d{1,2}):(\d{2})", value.strip())
+        if m:
+            hours, minutes = int(m[1]), int(m[2])
+            if hours == 24 and minutes == 0:
+                return time(0, 0)  # "24:00" ends the day; windows with end <= start span midnight
+            if hours < 24 and minutes < 60:
+                return time(hours, minutes)
+    raise ValueError("expected a time HH:MM (00:00-24:00)")
+
+
+class HoursConfig(_Model):
+    days: list[Annotated[int, BeforeValidator(_parse_day)]] = Field(min_length=1)
+    from_: Annotated[time, BeforeValidator(_parse_hhmm)] = Field(alias="from")
+    to: Annotated[time, BeforeValidator(_parse_hhmm)]
+
+    def window(self) -> TimeWindow:
+        return TimeWindow(days=frozenset(self.days), start=self.from_, end=self.to)
+
+
+def _check_id(value: str) -> str:
+    if not _ID.fullmatch(value):
+        raise ValueError("expected 1-64 letters, digits, '_', '.', '-' (it becomes an MQTT topic level)")
+    return value
+
+
+DeviceId = Annotated[str, BeforeValidator(lambda v: _check_id(v) if isinstance(v, str) else v)]
+
+
+class AgentSection(_Model):
+    club_id: str = "club-001"
+    agent_id: str = "edge-01"
+    name: str = "Club"
+    data_dir: Path = Path("/var/lib/club-agent")
+    language: Language = Language.PT_BR
+    timezone: str = "America/Sao_Paulo"
+    secrets_file: Path | None = None  # relative paths are relative to the config file
+    trust_clock: bool = False  # treat the wall clock as synced (RTC hat, container host); Pis need NTP
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError("expected an IANA time zone such as 'America/Sao_Paulo'") from exc
+        return value
+
+
+class BrokerSection(_Model):
+    mode: Literal["embedded"] = "embedded"
+    host: str = "0.0.0.0"  # noqa: S104 - the broker serves the premises LAN by design
+    port: int = Field(default=1883, ge=0, le=65535)
+    ws_port: int = Field(default=0, ge=0, le=65535)  # 0: no websocket listener
+    allow_anonymous: bool = False
+    max_payload_bytes: int = Field(default=4096, ge=256, le=262144)
+
+
+class ApiSection(_Model):
+    host: str = "0.0.0.0"  # noqa: S104
+    port: int = Field(default=8080, ge=0, le=65535)
+    enabled: bool = True
+
+
+class PolicySection(_Model):
+    debounce_s: float = Field(default=3.0, ge=0, le=60)
+    second_tap: SecondTap = SecondTap.CHECKOUT
+    second_tap_grace_s: float = Field(default=60, ge=0, le=3600)
+    anti_passback_s: float = Field(default=0, ge=0, le=86400)
+    max_cache_age_h: float = Field(default=36, gt=0, le=24 * 90)
+    untrusted_clock: UntrustedClock = UntrustedClock.LAST_KNOWN
+    enforce_hours_untrusted: bool = False
+    credits_per_checkin: int = Field(default=1, ge=0, le=100)
+    session_max_minutes: int = Field(default=180, ge=1, le=24 * 60)
+    scan_rate_per_s: float = Field(default=2.0, gt=0, le=100)
+    scan_burst: int = Field(default=5, ge=1, le=1000)
+
+
+class CourtConfig(_Model):
+    id: DeviceId
+    name: str = ""
+    access_groups: list[str] = Field(default_factory=list)
+    hours: list[HoursConfig] = Field(default_factory=list)
+    max_session_minutes: int | None = Field(default=None, ge=1, le=24 * 60)
+
+
+def _check_hash(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        argon2.extract_parameters(value)
+    except argon2.exceptions.InvalidHashError as exc:
+        raise ValueError("expected an argon2 hash ('club-agent devices hash-password' makes one)") from exc
+    return value
+
+
+class DeviceConfig(_Model):
+    id: DeviceId
+    kind: Literal["reader", "button", "tablet", "display"]
+    court: str | None = None  # readers and buttons: required; tablets: optional single court
+    courts: list[str] = Field(default_factory=list)  # tablets that serve several courts; empty: all
+    direction: Direction = Direction.IN
+    name: str = ""
+    password_hash: Annotated[str | None, AfterValidator(_check_hash)] = None
+
+    @model_validator(mode="after")
+    def _bound(self) -> DeviceConfig:
+        if self.kind in ("reader", "button") and not self.court:
+            raise ValueError(f"a {self.kind} needs 'court'")
+        if self.id == AGENT_USERNAME:
+            raise ValueError(f"id '{AGENT_USERNAME}' is reserved for the agent itself")
+        return self
+
+    @property
+    def served_courts(self) -> list[str]:
+        """Courts a tablet or display may act on; empty means every court."""
+        if self.court:
+            return [self.court, *[c for c in self.courts if c != self.court]]
+        return list(self.courts)
+
+
+class ZiggySection(_Model):
+    base_url: str
+    client_id: str
+    enabled: bool = True
+
+
+class CloudSection(_Model):
+    base_url: str
+    token_url: str
+    client_id: str
+    enabled: bool = True
+
+
+class Secrets(_Model):
+    """Loaded from the secrets file; never logged (SecretStr)."""
+
+    ziggy_api_key: SecretStr | None = None
+    cloud_client_secret: SecretStr | None = None
+    cloud_signing_secret: SecretStr | None = None
+    api_tokens: dict[str, SecretStr] = Field(default_factory=dict)
+
+
+class Config(_Model):
+    agent: AgentSection = AgentSection()
+    broker: BrokerSection = BrokerSection()
+    api: ApiSection = ApiSection()
+    policy: PolicySection = PolicySection()
+    courts: list[CourtConfig] = Field(default_factory=list)
+    devices: list[DeviceConfig] = Field(default_factory=list)
+    ziggy: ZiggySection | None = None
+    cloud: CloudSection | None = None
+    secrets: Secrets = Secrets()
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> Config:
+        court_ids = [c.id for c in self.courts]
+        for i, court_id in enumerate(court_ids):
+            if court_id in court_ids[:i]:
+                raise KeyedError(f"courts[{i}].id", f"courts[{i}].id = '{court_id}': court ids must be unique")
+        device_ids = [d.id for d in self.devices]
+        for i, device_id in enumerate(device_ids):
+            if device_id in device_ids[:i]:
+                raise KeyedError(f"devices[{i}].id", f"devices[{i}].id = '{device_id}': device ids must be unique")
+        known = set(court_ids)
+        for i, device in enumerate(self.devices):
+            refs = [("court", device.court)] + [(f"courts[{j}]", c) for j, c in enumerate(device.courts)]
+            for where, court in refs:
+                if court is not None and court not in known:
+                    raise KeyedError(
+                        f"devices[{i}].{where}",
+                        f"devices[{i}].{where} = '{court}': device '{device.id}' refers to a court that is not "
+                        f"configured (courts: {sorted(known)})",
+                    )
+            if device.password_hash is None and not self.broker.allow_anonymous:
+                raise KeyedError(
+                    f"devices[{i}].password_hash",
+                    f"devices[{i}].password_hash: device '{device.id}' has no password_hash and "
+                    f"broker.allow_anonymous is false",
+                )
+        return self
+
+    # Derived views used by the rest of the agent.
+
+    def domain_courts(self) -> dict[str, Court]:
+        default = timedelta(minutes=self.policy.session_max_minutes)
+        return {
+            c.id: Court(
+                court_id=c.id,
+                name=c.name or c.id,
+                access_groups=frozenset(c.access_groups),
+                hours=tuple(h.window() for h in c.hours),
+                max_session=timedelta(minutes=c.max_session_minutes) if c.max_session_minutes else default,
+            )
+            for c in self.courts
+        }
+
+    def domain_policy(self) -> Policy:
+        p = self.policy
+        return Policy(
+            timezone=ZoneInfo(self.agent.timezone),
+            second_tap=p.second_tap,
+            second_tap_grace=timedelta(seconds=p.second_tap_grace_s),
+            anti_passback=timedelta(seconds=p.anti_passback_s),
+            max_cache_age=timedelta(hours=p.max_cache_age_h),
+            untrusted_clock=p.untrusted_clock,
+            enforce_hours_untrusted=p.enforce_hours_untrusted,
+            credits_per_checkin=p.credits_per_checkin,
+        )
+
+    @property
+    def destinations(self) -> tuple[str, ...]:
+        out = []
+        if self.ziggy is not None and self.ziggy.enabled:
+            out.append("ziggy")
+        if self.cloud is not None and self.cloud.enabled:
+            out.append("cloud")
+        return tuple(out)
+
+    @property
+    def db_path(self) -> Path:
+        return self.agent.data_dir / "agent.db"
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+def _error_key(err: Any) -> str | None:
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, KeyedError):
+        return cause.key
+    return _loc(tuple(err["loc"])) or None
+
+
+def format_validation_error(
+    exc: ValidationError, source: str, *, from_env: Mapping[str, str] | None = None, echo_values: bool = True
+) -> str:
+    """One line per problem: where, the value given, what is expected.
+
+    Values are never echoed for keys that look secret (an installer may paste a password where its hash
+    belongs), nor at all when `echo_values` is false (the secrets file). Keys set from the environment say so.
+    """
+    lines = []
+    for err in exc.errors(include_url=False):
+        key = _error_key(err) or ""
+        msg = err["msg"].removeprefix("Value error, ")
+        secret = any(marker in key.lower() for marker in _SECRET_MARKERS)
+        origin = f" (from {from_env[key]})" if from_env and key in from_env else ""
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{source}: {key}{origin}: unknown key (misspelt? see provisioning/agent.example.toml)")
+        elif err["type"] == "missing":
+            lines.append(f"{source}: {key}: required key is missing")
+        elif isinstance((err.get("ctx") or {}).get("error"), KeyedError):
+            lines.append(f"{source}: {msg}")
+        elif key and echo_values and not secret and not isinstance(err.get("input"), dict | list):
+            lines.append(f"{source}: {key} = {err.get('input')!r}{origin}: {msg}")
+        else:
+            lines.append(f"{source}: {key or '(top level)'}{origin}: {msg}")
+    return "\n".join(lines)
+
+
+def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """Apply overrides; returns which key came from which variable, for error messages."""
+    origins: dict[str, str] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        table = raw.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{name}: section '{section}' is not a table and cannot be overridden", key=section)
+        table[key] = value
+        origins[f"{section}.{key}"] = name
+    return origins
+
+
+def _read_toml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{what} not found: {path}") from exc
+    except PermissionError as exc:
+        raise ConfigError(f"{what} is not readable by this user: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"{what} is a directory, expected a file: {path}") from exc
+
+
+def check_secrets_mode(path: Path) -> None:
+    """The secrets file must be readable by its owner (and group) only."""
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXO | stat.S_IWGRP):
+        raise ConfigError(
+            f"{path}: secrets file mode is {stat.S_IMODE(mode):04o}; it must not be world-accessible "
+            f"or group-writable (fix: chmod 600 {path})",
+            key="agent.secrets_file",
+        )
+
+
+def _load_secrets(path: Path) -> Secrets:
+    try:
+        check_secrets_mode(path)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"secrets file not found: {path}", key="agent.secrets_file") from exc
+    raw = _read_toml(path, "secrets file")
+    try:
+        return Secrets.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path))) from exc
+
+
+def parse_config(
+    raw: dict[str, Any],
+    *,
+    source: str = "config",
+    base_dir: Path | None = None,
+    from_env: Mapping[str, str] | None = None,
+) -> Config:
+    """Validate a config mapping (already read from TOML); loads the secrets file it names."""
+    raw = dict(raw)
+    if "secrets" in raw:
+        raise ConfigError(f"{source}: secrets: put secrets in the secrets file, not in the config", key="secrets")
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise ConfigError(format_validation_error(exc, source, from_env=from_env), key=_error_key(first)) from exc
+    if base_dir is not None and not cfg.agent.data_dir.is_absolute():
+        # Under systemd the working directory is /: a relative data_dir means "next to the config file".
+        cfg = cfg.model_copy(update={"agent": cfg.agent.model_copy(update={"data_dir": base_dir / cfg.agent.data_dir})})
+    secrets_file = cfg.agent.secrets_file
+    if secrets_file is not None:
+        if not secrets_file.is_absolute() and base_dir is not None:
+            secrets_file = base_dir / secrets_file
+        cfg = cfg.model_copy(update={"secrets": _load_secrets(secrets_file)})
+    return cfg
+
+
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
+    raw = _read_toml(path, "config file")
+    origins = _apply_env(raw, os.environ if environ is None else environ)
+    return parse_config(raw, source=str(path), base_dir=path.parent.resolve(), from_env=origins)

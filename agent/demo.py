@@ -1,0 +1,276 @@
+"""`club-agent demo`: the whole agent on loopback with seeded members and simulated devices, narrated live.
+
+No hardware, no internet: a temporary data dir, the embedded broker on an ephemeral port, three readers, a
+highlight button and a court tablet that publish real MQTT messages, and a console line for every answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import secrets
+import statistics
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from . import sim
+from .app import Agent, running
+from .config import Config, parse_config
+from .lan.auth import hash_password
+from .store.db import Database
+from .store.members import MemberRecord, apply_members
+
+FIRST_NAMES = (
+    "Ana",
+    "Bruno",
+    "Carla",
+    "Diego",
+    "Eduarda",
+    "Felipe",
+    "Gabriela",
+    "Henrique",
+    "Isabela",
+    "João",
+    "Karina",
+    "Lucas",
+    "Mariana",
+    "Nicolas",
+    "Olívia",
+    "Pedro",
+    "Quésia",
+    "Rafael",
+    "Sofia",
+    "Tiago",
+    "Úrsula",
+    "Vitor",
+    "Wesley",
+    "Yasmin",
+    "Zeca",
+    "Beatriz",
+    "Caio",
+    "Larissa",
+    "Mateus",
+    "Renata",
+)
+LAST_NAMES = ("Silva", "Souza", "Oliveira", "Santos", "Lima", "Pereira", "Costa", "Almeida", "Ribeiro", "Gomes")
+COURTS: tuple[tuple[str, str, list[str]], ...] = (
+    ("c1", "Quadra 1 (padel)", ["padel"]),
+    ("c2", "Quadra 2 (padel)", ["padel"]),
+    ("c3", "Quadra 3 (beach tennis)", []),
+)
+
+
+@dataclass
+class DemoMember:
+    record: MemberRecord
+    kind: str  # regular | suspended | expired | no_credits | beach_only
+
+    @property
+    def card(self) -> str:
+        return self.record.cards[0]
+
+
+def demo_members(count: int = 60, seed: int = 7) -> list[DemoMember]:
+    rng = random.Random(seed)
+    today = date.today()
+    out = []
+    kinds = ["suspended"] * 3 + ["expired"] * 3 + ["no_credits"] * 3 + ["beach_only"] * 3
+    kinds += ["regular"] * (count - len(kinds))
+    for i, kind in enumerate(kinds):
+        first = FIRST_NAMES[i % len(FIRST_NAMES)]
+        requires_credit = kind != "regular" or i % 4 != 0
+        out.append(
+            DemoMember(
+                MemberRecord(
+                    member_id=f"m{i + 1:04d}",
+                    first_name=first,
+                    last_name=rng.choice(LAST_NAMES),
+                    member_code=f"{1001 + i}",
+                    status="suspended" if kind == "suspended" else "active",
+                    cards=[f"04{rng.getrandbits(48):012X}"],
+                    credits=0 if kind == "no_credits" else (rng.randint(3, 12) if requires_credit else None),
+                    requires_credit=requires_credit,
+                    valid_until=today - timedelta(days=3) if kind == "expired" else today + timedelta(days=180),
+                    groups=["beach"] if kind == "beach_only" else ["padel", "beach"],
+                ),
+                kind,
+            )
+        )
+    return out
+
+
+def demo_config(data_dir: Path, passwords: dict[str, str], broker_port: int = 0, api_port: int = 0) -> Config:
+    devices: list[dict[str, Any]] = [
+        {"id": f"r{n}", "kind": "reader", "court": court_id, "name": f"Leitor {name}"}
+        for n, (court_id, name, _) in enumerate(COURTS, start=1)
+    ]
+    devices += [{"id": "b1", "kind": "button", "court": "c1"}, {"id": "t1", "kind": "tablet", "court": "c1"}]
+    for device in devices:
+        device["password_hash"] = hash_password(passwords[device["id"]])
+    return parse_config(
+        {
+            "agent": {
+                "club_id": "demo-club",
+                "agent_id": "demo-edge",
+                "name": "Clube Demo",
+                "data_dir": str(data_dir),
+                "trust_clock": True,
+            },
+            "broker": {"host": "127.0.0.1", "port": broker_port},
+            "api": {"host": "127.0.0.1", "port": api_port},
+            "policy": {"second_tap_grace_s": 8, "debounce_s": 2},
+            "courts": [{"id": c, "name": n, "access_groups": g} for c, n, g in COURTS],
+            "devices": devices,
+        },
+        source="demo",
+    )
+
+
+@dataclass
+class Tally:
+    results: Counter[str] = field(default_factory=Counter)
+    latencies_ms: list[float] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lat = sorted(self.latencies_ms)
+        if not lat:
+            return "no taps answered"
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        parts = ", ".join(f"{k} {v}" for k, v in self.results.most_common())
+        return f"{len(lat)} answers ({parts}); tap->response p50 {statistics.median(lat):.1f} ms, p99 {p99:.1f} ms"
+
+
+class Narrator:
+    def __init__(self, console: Console, members: dict[str, DemoMember]) -> None:
+        self.console = console
+        self.by_card = {m.card: m for m in members.values()}
+        self.tally = Tally()
+
+    def tap(self, reader_id: str, court: str, card: str, reply: sim.Reply) -> None:
+        p = reply.payload
+        ms = reply.latency_s * 1000
+        self.tally.latencies_ms.append(ms)
+        self.tally.results[f"{p['status']}:{p['reason']}"] += 1
+        who = self.by_card.get(card)
+        name = f"{who.record.first_name} {who.record.last_name}" if who else "(cartão desconhecido)"
+        style = "green" if p["status"] == "granted" else "red"
+        now = datetime.now().strftime("%H:%M:%S")
+        self.console.print(
+            f"{now}  [bold]{reader_id}[/] {court:<24} {card}  {name:<18} "
+            f"[{style}]{p['status'].upper():<7} {p['action']:<8} {p['reason']:<18}[/] "
+            f"«{p['message']}»  [dim]{ms:5.1f} ms[/]",
+            soft_wrap=True,
+        )
+
+    def line(self, text: str) -> None:
+        now = datetime.now().strftime("%H:%M:%S")
+        self.console.print(f"{now}  {text}", soft_wrap=True)
+
+
+async def _players(
+    narrator: Narrator,
+    agent: Agent,
+    members: list[DemoMember],
+    passwords: dict[str, str],
+    rng: random.Random,
+    pace: float,
+) -> None:
+    host, port = "127.0.0.1", agent.broker_port
+    assert port is not None
+    regular = [m for m in members if m.kind == "regular"]
+    troubled = [m for m in members if m.kind != "regular"]
+    on_court: dict[str, tuple[str, float]] = {}  # card -> (reader where it checked in, when)
+    async with contextlib.AsyncExitStack() as stack:
+        readers = {
+            f"r{n}": await stack.enter_async_context(sim.reader(host, port, f"r{n}", passwords[f"r{n}"]))
+            for n in (1, 2, 3)
+        }
+        btn = await stack.enter_async_context(sim.button(host, port, "b1", "c1", passwords["b1"]))
+        tab = await stack.enter_async_context(sim.tablet(host, port, "t1", passwords["t1"]))
+        courts = {f"r{n}": name for n, (_, name, _) in enumerate(COURTS, start=1)}
+        step = 0
+        while True:
+            step += 1
+            roll = rng.random()
+            now = asyncio.get_running_loop().time()
+            # Players leave after a while (a second tap on their court), some forget and tap elsewhere.
+            leaving = [c for c, (_, at) in on_court.items() if now - at > 10 * pace]
+            idle = [m for m in regular if m.card not in on_court]
+            if leaving and roll < 0.25:
+                card = rng.choice(leaving)
+                reader_id = on_court[card][0] if rng.random() < 0.85 else rng.choice(list(readers))
+            elif roll < 0.40:
+                card, reader_id = rng.choice(troubled).card, rng.choice(list(readers))
+            elif roll < 0.50 or not idle:
+                card, reader_id = f"DE{rng.getrandbits(32):08X}", rng.choice(list(readers))
+            else:
+                card, reader_id = rng.choice(idle).card, rng.choice(list(readers))
+            reply = await readers[reader_id].tap(card)
+            narrator.tap(reader_id, courts[reader_id], card, reply)
+            if reply.payload["action"] == "checkin":
+                on_court[card] = (reader_id, now)
+            elif reply.payload["action"] == "checkout":
+                on_court.pop(card, None)
+            if step % 7 == 0:
+                ack = await btn.press()
+                narrator.line(
+                    f"[bold]b1[/] Quadra 1 (padel)  botão de destaque -> [cyan]{ack.payload['status']}[/] "
+                    f"highlight {ack.payload['highlight_id'][:8]}… início {ack.payload['start_at']}"
+                )
+            if step % 11 == 0:
+                member = rng.choice([m for m in regular if m.card not in on_court] or regular)
+                got = await tab.checkin("c1", member_code=member.record.member_code)
+                narrator.line(
+                    f"[bold]t1[/] tablet Quadra 1: código {member.record.member_code} -> "
+                    f"{got.payload['status']} {got.payload['reason']} «{got.payload['message']}»"
+                )
+                if got.payload["action"] == "checkin":
+                    on_court[member.card] = ("r1", asyncio.get_running_loop().time())
+            if step % 5 == 0:
+                await tab.heartbeat(battery=max(5, 90 - step // 5))
+            await asyncio.sleep(pace * rng.uniform(0.5, 1.5))
+
+
+async def run_demo(duration: float | None, pace: float, members_count: int, console: Console) -> Tally:
+    members = demo_members(members_count)
+    passwords = {d: secrets.token_urlsafe(12) for d in ("r1", "r2", "r3", "b1", "t1")}
+    with tempfile.TemporaryDirectory(prefix="club-agent-demo-") as tmp:
+        config = demo_config(Path(tmp), passwords)
+        async with Database(config.db_path) as db:
+            result = await apply_members(
+                db,
+                [m.record for m in members],
+                tz=config.domain_policy().timezone,
+                source="demo",
+                synced_at=datetime.now(UTC),
+            )
+        console.print(
+            f"[bold]Club agent demo[/]: {result.members} members seeded (list v{result.version}), "
+            f"3 courts, readers r1-r3, button b1, tablet t1. Data dir {tmp}"
+        )
+        agent = Agent(config)
+        narrator = Narrator(console, {m.record.member_id: m for m in members})
+        async with running(agent):
+            console.print(
+                f"Broker on 127.0.0.1:{agent.broker_port}  (try: mosquitto_sub -p {agent.broker_port} "
+                f"-u t1 -P {passwords['t1']} -t 'court/c1/#' -v)   metrics: "
+                f"http://127.0.0.1:{agent.api_port}/metrics"
+            )
+            console.print("Ctrl-C stops the demo.\n")
+            players = _players(narrator, agent, members, passwords, random.Random(), pace)
+            try:
+                if duration:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(players, duration)
+                else:
+                    await players
+            finally:
+                console.print(f"\n[bold]Summary[/]: {narrator.tally.summary()}")
+    return narrator.tally

@@ -1,0 +1,43 @@
+"""Session lifetime rules: automatic timeout and highlight windows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
+
+from .model import Court, OpenSession
+
+HIGHLIGHT_PRE_ROLL = timedelta(seconds=10)
+HIGHLIGHT_DURATION = timedelta(seconds=30)
+
+
+def overdue(
+    sessions: Iterable[OpenSession], courts: Mapping[str, Court], now: datetime, default_max: timedelta
+) -> list[OpenSession]:
+    """Sessions open longer than their court's maximum: nobody tapped out."""
+    out = []
+    for session in sessions:
+        court = courts.get(session.court_id)
+        limit = court.max_session if court else default_max
+        if now - session.started_at >= limit:
+            out.append(session)
+    return out
+
+
+def duration_minutes(started_at: datetime, ended_at: datetime) -> int:
+    """Whole minutes on court, rounded up; a clock that jumped back never yields a negative duration."""
+    seconds = max(0.0, (ended_at - started_at).total_seconds())
+    return int(-(-seconds // 60))
+
+
+def highlight_window(
+    pressed_at: datetime,
+    session_started_at: datetime | None,
+    pre_roll: timedelta = HIGHLIGHT_PRE_ROLL,
+    duration: timedelta = HIGHLIGHT_DURATION,
+) -> tuple[datetime, timedelta]:
+    """Start = max(session start, press - pre-roll); a fixed duration (reference document: 10 s, 30 s)."""
+    start = pressed_at - pre_roll
+    if session_started_at is not None and start < session_started_at:
+        start = session_started_at
+    return start, duration

@@ -1,0 +1,1 @@
+"""The premises side: embedded broker (amqtt), topic contract, device access control, MQTT dispatch."""

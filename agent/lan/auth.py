@@ -1,0 +1,195 @@
+"""Who may connect to the embedded broker, and what each device may publish and subscribe.
+
+The access list is generated from the configured devices, so a reader can only ever speak for itself:
+
+| kind    | may publish                                              | may subscribe                           |
+|---------|----------------------------------------------------------|-----------------------------------------|
+| reader  | rfid/{id}/scan, rfid/{id}/status                         | rfid/{id}/response, agent/status        |
+| button  | court/{court}/button/pressed, button/{id}/status         | court/{court}/button/ack, agent/status  |
+| tablet  | tablet/{id}/status, court/{c}/checkin, court/{c}/checkout | tablet/{id}/#, court/{c}/#, agent/status |
+| display | display/{id}/status                                      | court/{c}/#, agent/status               |
+
+`{c}` is each court the tablet or display serves (`+` when it serves them all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import argon2
+from amqtt.contexts import Action
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+
+from ..config import AGENT_USERNAME, DeviceConfig
+from ..logs import OnceLogger, get_logger
+from .topics import AGENT_STATUS, covers, matches
+
+log = get_logger("agent.lan.auth")
+
+# OWASP's minimum argon2id profile. Device passwords are random 128-bit tokens, so the hash only has to make
+# a stolen config useless, not protect a human's guessable password; a Pi with 1 GB cannot spare 64 MiB a verify.
+HASHER = argon2.PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1)
+
+
+def hash_password(password: str) -> str:
+    return HASHER.hash(password)
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+
+
+def rules_for(device: DeviceConfig) -> Rules:
+    i = device.id
+    courts = device.served_courts or ["+"]
+    if device.kind == "reader":
+        return Rules((f"rfid/{i}/scan", f"rfid/{i}/status"), (f"rfid/{i}/response", AGENT_STATUS))
+    if device.kind == "button":
+        c = device.court
+        return Rules((f"court/{c}/button/pressed", f"button/{i}/status"), (f"court/{c}/button/ack", AGENT_STATUS))
+    if device.kind == "tablet":
+        publish = [f"tablet/{i}/status"]
+        for c in courts:
+            publish += [f"court/{c}/checkin", f"court/{c}/checkout"]
+        return Rules(tuple(publish), (f"tablet/{i}/#", *(f"court/{c}/#" for c in courts), AGENT_STATUS))
+    return Rules((f"display/{i}/status",), (*(f"court/{c}/#" for c in courts), AGENT_STATUS))
+
+
+EVERYTHING = Rules(("#",), ("#",))
+
+
+@dataclass
+class DeviceDirectory:
+    """Credentials and access rules for every account of the broker."""
+
+    devices: Iterable[DeviceConfig]
+    agent_password: str
+    allow_anonymous: bool = False
+    on_denied: Callable[[str, str], None] | None = None  # (action, username) for metrics
+    _hashes: dict[str, str] = field(init=False, default_factory=dict)
+    _rules: dict[str, Rules] = field(init=False, default_factory=dict)
+    _verified: dict[str, bytes] = field(init=False, default_factory=dict)
+    _verify_lock: asyncio.Lock = field(init=False, default_factory=asyncio.Lock)
+    _once: OnceLogger = field(init=False, default_factory=lambda: OnceLogger(log))
+
+    def __post_init__(self) -> None:
+        for device in self.devices:
+            if device.password_hash:
+                self._hashes[device.id] = device.password_hash
+            self._rules[device.id] = rules_for(device)
+        self._rules[AGENT_USERNAME] = EVERYTHING
+
+    def rules(self, username: str | None) -> Rules | None:
+        if username is None:
+            return EVERYTHING if self.allow_anonymous else None
+        return self._rules.get(username)
+
+    def _denied(self, action: str, username: str | None, detail: str) -> None:
+        self._once.warning("mqtt_denied", f"{action}:{username}", action=action, username=username, detail=detail)
+        if self.on_denied is not None:
+            self.on_denied(action, username or "anonymous")
+
+    async def check_password(self, username: str, password: str) -> bool:
+        if username == AGENT_USERNAME:
+            return hmac.compare_digest(password.encode(), self.agent_password.encode())
+        stored = self._hashes.get(username)
+        if stored is None:
+            return False
+        digest = hashlib.sha256(password.encode()).digest()
+        known = self._verified.get(username)
+        if known is not None:
+            return hmac.compare_digest(known, digest)
+        # One verify at a time: each costs 19 MiB and most of a core for ~30 ms on a Pi; a reconnect storm after
+        # a Wi-Fi outage is then served from the verified cache above after each device's first connect.
+        async with self._verify_lock:
+            ok: bool
+            try:
+                ok = await asyncio.to_thread(HASHER.verify, stored, password)
+            except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+                ok = False
+        if ok:
+            self._verified[username] = digest
+        return bool(ok)
+
+    async def authenticate(
+        self, username: str | None, password: str | None, client_id: str | None, will_topic: str | None
+    ) -> bool:
+        if not username:
+            if not self.allow_anonymous:
+                self._denied("connect", None, "anonymous clients are not allowed")
+            return self.allow_anonymous
+        if not await self.check_password(username, password or ""):
+            self._denied("connect", username, "unknown user or wrong password")
+            return False
+        # A client id names a persistent session; another device must not be able to take it over.
+        if (
+            client_id
+            and username != AGENT_USERNAME
+            and not (client_id == username or client_id.startswith((f"{username}-", "amqtt/")))
+        ):
+            self._denied("connect", username, f"client id '{client_id}' must be '{username}' or '{username}-...'")
+            return False
+        # The broker publishes a will without an ACL check, so the will topic is checked here.
+        if will_topic and not self.may_publish(username, will_topic):
+            self._denied("connect", username, f"will topic '{will_topic}' is outside the device's access list")
+            return False
+        return True
+
+    def may_publish(self, username: str | None, topic: str) -> bool:
+        rules = self.rules(username)
+        ok = rules is not None and any(matches(topic, allowed) for allowed in rules.publish)
+        if not ok:
+            self._denied("publish", username, topic)
+        return ok
+
+    def may_subscribe(self, username: str | None, topic_filter: str) -> bool:
+        rules = self.rules(username)
+        ok = rules is not None and any(covers(allowed, topic_filter) for allowed in rules.subscribe)
+        if not ok:
+            self._denied("subscribe", username, topic_filter)
+        return ok
+
+
+class DeviceAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no type information
+    """amqtt authentication against the DeviceDirectory given in the plugin config."""
+
+    @dataclass
+    class Config:
+        directory: Any = None
+
+    async def authenticate(self, *, session: Any) -> bool | None:
+        directory: DeviceDirectory = self.config.directory
+        ok = await directory.authenticate(
+            session.username, session.password, session.client_id, session.will_topic if session.will_flag else None
+        )
+        if ok and session.username is None:
+            session.is_anonymous = True
+        return ok
+
+
+class DeviceAclPlugin(BaseTopicPlugin):  # type: ignore[misc]
+    """amqtt topic filtering: publish and subscribe against the DeviceDirectory's rules."""
+
+    @dataclass
+    class Config:
+        directory: Any = None
+
+    async def topic_filtering(
+        self, *, session: Any = None, topic: str | None = None, action: Action | None = None
+    ) -> bool | None:
+        directory: DeviceDirectory = self.config.directory
+        if topic is None or session is None:
+            return False
+        if action == Action.RECEIVE:
+            return True  # what a client receives was checked when it subscribed
+        username = session.username
+        if action == Action.PUBLISH:
+            return directory.may_publish(username, topic)
+        return directory.may_subscribe(username, topic)

@@ -1,0 +1,372 @@
+"""The agent's own MQTT client: receives device messages, feeds the access service, publishes replies.
+
+Decisions run one at a time from a bounded queue (they serialise on the store anyway); heartbeats are handled
+inline so they never wait behind an fsync. A flooding device is rate-limited per device before the queue, and
+is told so at most once a second. Nothing malformed reaches the service; every rejection is counted and
+logged once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiomqtt
+
+from .. import __version__
+from ..access import AccessService, Outcome
+from ..clock import Clock
+from ..config import Config
+from ..domain.model import Reason
+from ..errors import PayloadError
+from ..logs import OnceLogger, get_logger
+from ..metrics import Metrics
+from ..store.repo import iso
+from . import payloads, topics
+from .presence import Presence
+from .topics import Kind
+
+log = get_logger("agent.lan.dispatcher")
+
+QUEUE_LIMIT = 1000
+CONNECT_TIMEOUT_S = 10.0
+PUBLISH_TIMEOUT_S = 5.0
+BACKOFF_MIN_S = 0.5
+BACKOFF_MAX_S = 30.0
+AUTH_BACKOFF_S = 60.0
+KEEPALIVE_S = 30
+
+
+class TokenBucket:
+    """Per-key token buckets with a bounded number of keys."""
+
+    def __init__(self, rate: float, burst: int, max_keys: int = 4096) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._max_keys = max_keys
+
+    def allow(self, key: str, now: float) -> bool:
+        tokens, last = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        allowed = tokens >= 1.0
+        self._buckets[key] = (tokens - 1.0 if allowed else tokens, now)
+        if len(self._buckets) > self._max_keys:
+            self._buckets.pop(next(iter(self._buckets)))
+        return allowed
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    route: topics.Route
+    payload: bytes
+    received: float  # perf_counter at arrival, for the latency histogram
+    reply: tuple[str, dict[str, Any]] | None = None  # a ready answer to publish in order, instead of deciding
+
+
+Publish = Callable[[str, dict[str, Any], bool], Awaitable[None]]
+
+
+class Dispatcher:
+    def __init__(
+        self, service: AccessService, config: Config, metrics: Metrics, presence: Presence, clock: Clock
+    ) -> None:
+        self._service = service
+        self._config = config
+        self._metrics = metrics
+        self._presence = presence
+        self._clock = clock
+        self._limit = config.broker.max_payload_bytes
+        self._queue: asyncio.Queue[Job] = asyncio.Queue(QUEUE_LIMIT)
+        self._buckets = TokenBucket(config.policy.scan_rate_per_s, config.policy.scan_burst)
+        self._told_limited: dict[str, float] = {}
+        self._once = OnceLogger(log)
+        self._client: aiomqtt.Client | None = None
+        self.connected = asyncio.Event()
+        self.on_outcome: Callable[[Kind, str, Outcome, float], None] | None = None  # demo console, benchmarks
+
+    # -- connection ------------------------------------------------------------------------------------------
+
+    def _status(self, state: str) -> bytes:
+        return json.dumps(
+            {
+                "state": state,
+                "version": __version__,
+                "agent_id": self._config.agent.agent_id,
+                "at": iso(self._clock.wall()),
+            }
+        ).encode()
+
+    async def run(self, host: str, port: int, username: str, password: str) -> None:
+        """Connect, serve, reconnect with capped jittered backoff; returns only by cancellation."""
+        backoff = BACKOFF_MIN_S
+        will = aiomqtt.Will(topics.AGENT_STATUS, self._status("offline"), qos=1, retain=True)
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    host,
+                    port,
+                    username=username,
+                    password=password,
+                    will=will,
+                    keepalive=KEEPALIVE_S,
+                    identifier=f"agent-{self._config.agent.agent_id}",
+                    clean_session=False,
+                    timeout=CONNECT_TIMEOUT_S,
+                    max_queued_incoming_messages=QUEUE_LIMIT * 4,
+                    socket_options=topics.NODELAY,
+                ) as client:
+                    self._client = client
+                    await self._serve(client)
+            except aiomqtt.MqttCodeError as exc:
+                wait = AUTH_BACKOFF_S if exc.rc in (4, 5, 134, 135) else backoff
+                self._disconnected(f"refused: {exc}", wait)
+                await asyncio.sleep(wait)
+            except aiomqtt.MqttError as exc:
+                self._disconnected(str(exc), backoff)
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(BACKOFF_MAX_S, backoff * 2)
+                continue
+            backoff = BACKOFF_MIN_S
+
+    def _disconnected(self, why: str, wait: float) -> None:
+        self._client = None
+        self.connected.clear()
+        self._metrics.mqtt_connected.set(0)
+        self._once.warning("mqtt_disconnected", why[:80], error=why, retry_in_s=round(wait, 1))
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        await client.publish(topics.AGENT_STATUS, self._status("online"), qos=1, retain=True)
+        for topic_filter in topics.SUBSCRIPTIONS:
+            await client.subscribe(topic_filter, qos=1)
+        for court_id in self._service.courts:
+            await self.publish_court(court_id)
+        self.connected.set()
+        self._metrics.mqtt_connected.set(1)
+        log.info("mqtt_ready", subscriptions=len(topics.SUBSCRIPTIONS))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._worker())
+                async for message in client.messages:
+                    self._receive(message)
+        finally:
+            self.connected.clear()
+
+    async def announce_offline(self) -> None:
+        """A clean stop says so itself; the will covers the unclean ones."""
+        if self._client is not None:
+            try:
+                async with asyncio.timeout(2):
+                    await self._client.publish(topics.AGENT_STATUS, self._status("offline"), qos=1, retain=True)
+            except (aiomqtt.MqttError, TimeoutError):
+                pass
+
+    async def publish(self, topic: str, payload: dict[str, Any], retain: bool = False) -> None:
+        client = self._client
+        if client is None:
+            self._once.warning("publish_while_disconnected", topic.split("/")[0], topic=topic)
+            return
+        try:
+            await client.publish(
+                topic,
+                json.dumps(payload, ensure_ascii=False, separators=(",", ":")),
+                qos=1,
+                retain=retain,
+                timeout=PUBLISH_TIMEOUT_S,
+            )
+        except aiomqtt.MqttError as exc:
+            # The decision is already durable; a device that missed the reply repeats its msg_id and is
+            # answered from the store.
+            self._once.warning("publish_failed", topic.split("/")[0], topic=topic, error=str(exc))
+
+    async def publish_court(self, court_id: str) -> None:
+        await self.publish(topics.court_state(court_id), await self._service.court_state(court_id), retain=True)
+
+    # -- inbound ---------------------------------------------------------------------------------------------
+
+    def _reject(self, kind: str, reason: str, key: str, detail: str) -> None:
+        self._metrics.rejected.labels(kind, reason).inc()
+        self._once.warning(
+            "message_rejected", f"{kind}:{key}:{reason}", kind=kind, device=key, reason=reason, detail=detail
+        )
+
+    def _receive(self, message: aiomqtt.Message) -> None:
+        topic = message.topic.value
+        route = topics.route(topic)
+        if route is None:
+            self._reject("unknown", "unknown_topic", topic, "not a topic the agent serves")
+            return
+        raw = message.payload if isinstance(message.payload, bytes | bytearray) else str(message.payload).encode()
+        raw = bytes(raw)
+        if route.kind is Kind.TABLET_STATUS:
+            self._heartbeat(route.device_or_court, raw)
+            return
+        if message.retain:
+            # A retained command would be re-decided on every reconnect of the agent: never act on one.
+            self._reject(route.kind.value, "retained_command", route.device_or_court, topic)
+            return
+        now = time.perf_counter()
+        key = f"{route.kind.value}:{route.device_or_court}"
+        if not self._buckets.allow(key, now):
+            self._rate_limited(route, raw, now)
+            return
+        try:
+            self._queue.put_nowait(Job(route, raw, now))
+        except asyncio.QueueFull:
+            self._reject(route.kind.value, "queue_full", route.device_or_court, "decision queue is full")
+            return
+        self._metrics.queue_depth.set(self._queue.qsize())
+
+    def _rate_limited(self, route: topics.Route, raw: bytes, now: float) -> None:
+        self._reject(route.kind.value, "rate_limited", route.device_or_court, "too many messages")
+        if route.kind is not Kind.SCAN:
+            return
+        reader = route.device_or_court
+        if now - self._told_limited.get(reader, 0.0) >= 1.0:
+            self._told_limited[reader] = now
+            reply = self._service.denial(Reason.RATE_LIMITED, payloads.msg_id_of(raw, self._limit))
+            # Queued behind the worker rather than a task of its own: a flood cannot multiply tasks.
+            with contextlib.suppress(asyncio.QueueFull):
+                self._queue.put_nowait(Job(route, b"", now, reply=(topics.reader_response(reader), reply)))
+
+    def _heartbeat(self, tablet_id: str, raw: bytes) -> None:
+        try:
+            status = payloads.decode(payloads.TabletStatus, raw, self._limit)
+        except PayloadError as exc:
+            self._reject("tablet_status", exc.reason, tablet_id, exc.detail)
+            return
+        self._metrics.heartbeats.labels("tablet").inc()
+        self._presence.seen(
+            tablet_id, "tablet", self._clock.wall(), battery=status.battery, app_version=status.app_version
+        )
+
+    async def _worker(self) -> None:
+        while True:
+            job = await self._queue.get()
+            self._metrics.queue_depth.set(self._queue.qsize())
+            try:
+                await self._handle(job)
+            except PayloadError as exc:
+                self._reject(job.route.kind.value, exc.reason, job.route.device_or_court, exc.detail)
+
+    async def _handle(self, job: Job) -> None:
+        route, raw = job.route, job.payload
+        if job.reply is not None:
+            await self.publish(*job.reply)
+            return
+        match route.kind:
+            case Kind.SCAN:
+                await self._scan(route.device_or_court, raw, job.received)
+            case Kind.BUTTON:
+                await self._button(route.device_or_court, raw, job.received)
+            case Kind.CHECKIN | Kind.CHECKOUT:
+                await self._tablet(route, raw, job.received)
+            case _:
+                raise AssertionError(route.kind)
+
+    async def _finish(self, kind: Kind, topic: str, key: str, outcome: Outcome, received: float) -> None:
+        await self.publish(topic, outcome.response)
+        for court_id in sorted(outcome.courts):
+            await self.publish_court(court_id)
+        if self.on_outcome is not None:
+            self.on_outcome(kind, key, outcome, time.perf_counter() - received)
+
+    async def _scan(self, reader_id: str, raw: bytes, received: float) -> None:
+        reply_topic = topics.reader_response(reader_id)
+        try:
+            scan = payloads.decode(payloads.Scan, raw, self._limit)
+        except PayloadError as exc:
+            self._reject("scan", exc.reason, reader_id, exc.detail)
+            self._metrics.scans.labels(reader_id, "denied", Reason.INVALID_REQUEST.value).inc()
+            await self.publish(
+                reply_topic, self._service.denial(Reason.INVALID_REQUEST, payloads.msg_id_of(raw, self._limit))
+            )
+            return
+        outcome = await self._service.scan(reader_id, scan.card_id, scan.msg_id)
+        await self._finish(Kind.SCAN, reply_topic, reader_id, outcome, received)
+
+    async def _button(self, court_id: str, raw: bytes, received: float) -> None:
+        ack_topic = topics.button_ack(court_id)
+        try:
+            press = payloads.decode(payloads.ButtonPress, raw, self._limit)
+        except PayloadError as exc:
+            self._reject("button", exc.reason, court_id, exc.detail)
+            await self.publish(
+                ack_topic,
+                {
+                    "msg_id": payloads.msg_id_of(raw, self._limit),
+                    "status": "invalid",
+                    "reason": Reason.INVALID_REQUEST.value,
+                    "detail": exc.detail,
+                },
+            )
+            return
+        device = self._service.device(press.button_id)
+        if device is None or device.kind != "button" or device.court != court_id:
+            self._reject("button", "unknown_button", press.button_id, f"not a button of court {court_id}")
+            await self.publish(
+                ack_topic,
+                {"msg_id": press.msg_id, "status": "invalid", "reason": "unknown_button", "button_id": press.button_id},
+            )
+            return
+        self._presence.seen(press.button_id, "button", self._clock.wall())
+        outcome = await self._service.button(court_id, press.button_id, press.msg_id, press.kind)
+        await self._finish(Kind.BUTTON, ack_topic, press.button_id, outcome, received)
+
+    async def _tablet(self, route: topics.Route, raw: bytes, received: float) -> None:
+        court_id = route.device_or_court
+        model: type[payloads.TabletCheckin] | type[payloads.TabletCheckout] = (
+            payloads.TabletCheckin if route.kind is Kind.CHECKIN else payloads.TabletCheckout
+        )
+        try:
+            request = payloads.decode(model, raw, self._limit)
+        except PayloadError as exc:
+            self._reject(route.kind.value, exc.reason, court_id, exc.detail)
+            tablet_id = _tablet_id_of(raw, self._limit)
+            if tablet_id is not None and self._serves(tablet_id, court_id):
+                await self.publish(
+                    topics.tablet_response(tablet_id),
+                    {
+                        "msg_id": payloads.msg_id_of(raw, self._limit),
+                        "status": "invalid",
+                        "reason": Reason.INVALID_REQUEST.value,
+                        "detail": exc.detail,
+                    },
+                )
+            return
+        if not self._serves(request.tablet_id, court_id):
+            self._reject(
+                route.kind.value, "unknown_tablet", request.tablet_id, f"not a tablet serving court {court_id}"
+            )
+            return
+        if isinstance(request, payloads.TabletCheckin):
+            outcome = await self._service.tablet_checkin(
+                request.tablet_id, court_id, request.msg_id, card_id=request.card_id, member_code=request.member_code
+            )
+        else:
+            outcome = await self._service.tablet_checkout(
+                request.tablet_id, court_id, request.msg_id, session_id=request.session_id, card_id=request.card_id
+            )
+        await self._finish(route.kind, topics.tablet_response(request.tablet_id), request.tablet_id, outcome, received)
+
+    def _serves(self, tablet_id: str, court_id: str) -> bool:
+        device = self._service.device(tablet_id)
+        if device is None or device.kind != "tablet":
+            return False
+        served = device.served_courts
+        return not served or court_id in served
+
+
+def _tablet_id_of(raw: bytes, limit: int) -> str | None:
+    try:
+        doc = payloads.parse_json(raw, limit)
+    except PayloadError:
+        return None
+    value = doc.get("tablet_id")
+    return value if isinstance(value, str) and 0 < len(value) <= payloads.MAX_ID else None

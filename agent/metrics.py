@@ -1,0 +1,38 @@
+"""Prometheus metrics. One registry per agent instance, so several agents can live in one test process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.scans = Counter("scans_total", "Card scans answered", ["reader", "result", "reason"], registry=r)
+        self.decision_seconds = Histogram(
+            "decision_seconds", "Scan received to decision committed", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.rejected = Counter(
+            "messages_rejected_total", "Device messages rejected before a decision", ["kind", "reason"], registry=r
+        )
+        self.replayed = Counter(
+            "answers_replayed_total", "Repeated messages answered again without a new effect", ["why"], registry=r
+        )
+        self.sessions = Counter("sessions_total", "Sessions opened and closed", ["change", "reason"], registry=r)
+        self.highlights = Counter("highlights_total", "Highlight button presses", ["status"], registry=r)
+        self.heartbeats = Counter("heartbeats_total", "Device heartbeats received", ["kind"], registry=r)
+        self.store_errors = Counter("store_errors_total", "Writes the store refused", ["doing"], registry=r)
+        self.members_cached = Gauge("members_cached", "Members in the local cache", registry=r)
+        self.mqtt_connected = Gauge("mqtt_connected", "The agent's own MQTT client is connected", registry=r)
+        self.queue_depth = Gauge("decision_queue_depth", "Messages waiting for the decision worker", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """Read one sample (tests and the status command); 0.0 when absent."""
+        got = self.registry.get_sample_value(name, labels or {})
+        return 0.0 if got is None else got

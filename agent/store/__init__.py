@@ -1,0 +1,1 @@
+"""SQLite store: schema migrations, members cache, sessions, event log and delivery rows."""

@@ -1,0 +1,238 @@
+"""The SQLite store: one file, WAL, synchronous=FULL, numbered migrations, integrity check at start.
+
+One writer connection, serialised by an asyncio lock: a decision reads and writes inside one `BEGIN IMMEDIATE`
+transaction, so two taps never see each other half-done and a crash leaves both or neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import shutil
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import aiosqlite
+
+from ..errors import MigrationError, StoreCorrupt, StoreError
+
+PRAGMAS = (
+    "PRAGMA journal_mode = WAL",
+    "PRAGMA synchronous = FULL",  # a granted tap is on disk before the door opens
+    "PRAGMA foreign_keys = ON",
+    "PRAGMA busy_timeout = 5000",
+    "PRAGMA temp_store = MEMORY",
+    "PRAGMA cache_size = -8000",  # 8 MiB page cache: the card index of 100k members stays hot
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def migrations() -> list[Migration]:
+    out = []
+    for entry in resources.files("agent.store").joinpath("migrations").iterdir():
+        if entry.name.endswith(".sql"):
+            number, _, name = entry.name.removesuffix(".sql").partition("_")
+            out.append(Migration(int(number), name, entry.read_text(encoding="utf-8")))
+    out.sort(key=lambda m: m.version)
+    expected = list(range(1, len(out) + 1))
+    if [m.version for m in out] != expected:
+        raise MigrationError(f"migration files must be numbered 1..n without gaps, found {[m.version for m in out]}")
+    return out
+
+
+def translate(exc: sqlite3.Error, doing: str) -> StoreError:
+    """sqlite3 errors become ours, in one place, with the operator's next step where there is one."""
+    text = str(exc)
+    if "malformed" in text or "not a database" in text:
+        return StoreCorrupt(f"{doing}: database is corrupt ({text}); run 'club-agent store recover'")
+    if "disk is full" in text or "disk I/O error" in text:
+        return StoreError(f"{doing}: {text}: free space on the data partition")
+    if "readonly" in text:
+        return StoreError(f"{doing}: {text}: the data directory is not writable")
+    return StoreError(f"{doing}: {text}")
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class Database:
+    """The agent's database. Use as `async with Database(path) as db:`."""
+
+    def __init__(self, path: Path, *, check: bool = True) -> None:
+        self.path = path
+        self._check = check
+        self._conn: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+        self._state = _State.NEW
+
+    async def __aenter__(self) -> Self:
+        if self._state is not _State.NEW:
+            raise RuntimeError(f"Database is {self._state.value}; open a new instance instead of re-entering")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = await aiosqlite.connect(self.path, isolation_level=None)
+            self._conn.row_factory = sqlite3.Row
+            for pragma in PRAGMAS:
+                await self._conn.execute(pragma)
+            if self._check:
+                await self._quick_check()
+            await self._migrate()
+            # Reads outside decisions use their own connection: WAL lets it see only committed data, never
+            # the half-written transaction another coroutine has open on the writer.
+            self._reader = await aiosqlite.connect(self.path, isolation_level=None)
+            self._reader.row_factory = sqlite3.Row
+            await self._reader.execute("PRAGMA query_only = ON")
+            await self._reader.execute("PRAGMA busy_timeout = 5000")
+        except sqlite3.Error as exc:
+            await self._close()
+            raise translate(exc, f"opening {self.path}") from exc
+        except BaseException:
+            await self._close()
+            raise
+        self._state = _State.OPEN
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
+        self._state = _State.CLOSED
+        for conn in (self._reader, self._conn):
+            if conn is not None:
+                await conn.close()
+        self._conn = self._reader = None
+
+    @property
+    def conn(self) -> aiosqlite.Connection:
+        if self._conn is None or self._state is not _State.OPEN:
+            raise RuntimeError("database is not open")
+        return self._conn
+
+    @property
+    def reader(self) -> aiosqlite.Connection:
+        """A read-only connection that sees committed data only."""
+        if self._reader is None or self._state is not _State.OPEN:
+            raise RuntimeError("database is not open")
+        return self._reader
+
+    async def _quick_check(self) -> None:
+        assert self._conn is not None
+        rows = await self._conn.execute_fetchall("PRAGMA quick_check")
+        problems = [row[0] for row in rows]
+        if problems != ["ok"]:
+            raise StoreCorrupt(
+                f"{self.path} failed its integrity check ({'; '.join(problems[:3])}). Stop the agent and run "
+                f"'club-agent store recover' to move it aside and salvage what is readable."
+            )
+
+    async def _migrate(self) -> None:
+        assert self._conn is not None
+        (current,) = next(iter(await self._conn.execute_fetchall("PRAGMA user_version")))
+        known = migrations()
+        if current > len(known):
+            raise MigrationError(
+                f"{self.path} has schema version {current}, newer than this build knows ({len(known)}); "
+                f"upgrade the agent instead of downgrading"
+            )
+        for migration in known[current:]:
+            # executescript runs the whole file plus the version bump in one transaction.
+            await self._conn.executescript(
+                f"BEGIN IMMEDIATE;\n{migration.sql}\nPRAGMA user_version = {migration.version};\nCOMMIT;"
+            )
+
+    @asynccontextmanager
+    async def transaction(self, doing: str = "writing") -> AsyncIterator[aiosqlite.Connection]:
+        """An exclusive write transaction; commits on success, rolls back on any error (or cancellation)."""
+        conn = self.conn
+        async with self._lock:
+            try:
+                await conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise translate(exc, doing) from exc
+            try:
+                yield conn
+                await conn.execute("COMMIT")
+            except BaseException as exc:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):  # the original error is the one worth reporting
+                        await conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise translate(exc, doing) from exc
+                raise
+
+    async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        try:
+            return list(await self.reader.execute_fetchall(sql, tuple(params)))
+        except sqlite3.Error as exc:
+            raise translate(exc, "reading") from exc
+
+    async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
+        rows = await self.fetchall(sql, params)
+        return rows[0] if rows else None
+
+
+SALVAGE_TABLES = (
+    "members",
+    "cards",
+    "member_list",
+    "sessions",
+    "credit_ledger",
+    "events",
+    "deliveries",
+    "device_requests",
+    "highlights",
+    "kv",
+)
+
+
+def _move_aside(path: Path) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        src = Path(f"{path}{suffix}")
+        if src.exists():
+            shutil.move(src, Path(f"{aside}{suffix}"))
+    return aside
+
+
+async def recover(path: Path) -> dict[str, str]:
+    """Move a corrupt database aside and copy every readable row into a fresh one.
+
+    Returns a line per table: rows copied, or why it could not be read. The corrupt file is kept.
+    """
+    aside = await asyncio.to_thread(_move_aside, path)
+    report: dict[str, str] = {"moved_to": str(aside)}
+    async with Database(path, check=False) as fresh:
+        conn = fresh.conn
+        await conn.execute("ATTACH DATABASE ? AS old", (str(aside),))
+        for table in SALVAGE_TABLES:
+            try:
+                async with fresh.transaction(f"salvaging {table}"):
+                    if table == "member_list":
+                        await conn.execute("DELETE FROM member_list")
+                    cursor = await conn.execute(f"INSERT OR IGNORE INTO main.{table} SELECT * FROM old.{table}")  # noqa: S608
+                    report[table] = f"{cursor.rowcount} rows"
+            except StoreError as exc:
+                report[table] = f"unreadable: {exc}"
+        await conn.execute("DETACH DATABASE old")
+    return report

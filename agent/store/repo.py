@@ -1,0 +1,355 @@
+"""SQL for the hot path and its neighbours. Every function takes the connection of an open transaction
+(or the database for reads) so callers decide what commits together."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aiosqlite
+from uuid6 import uuid7
+
+from ..domain.model import CacheInfo, Member, MemberState, MemberStatus, OpenSession, TimeWindow
+from .db import Database
+
+# Which destinations learn of which event type. Ziggy knows sessions and consumption; the cloud knows all.
+ROUTES: dict[str, tuple[str, ...]] = {
+    "access.decided": ("cloud",),
+    "session.started": ("ziggy", "cloud"),
+    "session.ended": ("ziggy", "cloud"),
+    "consumption.recorded": ("ziggy", "cloud"),
+    "highlight.created": ("cloud",),
+}
+
+
+def to_ms(dt: datetime) -> int:
+    return int(dt.timestamp() * 1000)
+
+
+def from_ms(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def iso(dt: datetime) -> str:
+    return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_id() -> str:
+    """UUIDv7: time-ordered, so ids sort roughly by birth and index well."""
+    return str(uuid7())
+
+
+@dataclass(frozen=True, slots=True)
+class Stamp:
+    """When something happened, as well as this box can tell (DESIGN section 3, Time)."""
+
+    wall: datetime
+    mono_ns: int
+    boot_id: str
+    clock_synced: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    type: str
+    data: dict[str, Any]
+    session_id: str | None = None
+    device_id: str | None = None
+
+
+async def append_events(
+    conn: aiosqlite.Connection, stamp: Stamp, events: Sequence[NewEvent], destinations: Iterable[str]
+) -> list[tuple[int, str]]:
+    """Append events and their delivery rows; returns (seq, event_id) per event."""
+    enabled = set(destinations)
+    out = []
+    for ev in events:
+        event_id = new_id()
+        cursor = await conn.execute(
+            "INSERT INTO events (event_id, type, occurred_at, mono_ns, boot_id, clock_synced, session_id,"
+            " device_id, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                event_id,
+                ev.type,
+                to_ms(stamp.wall),
+                stamp.mono_ns,
+                stamp.boot_id,
+                int(stamp.clock_synced),
+                ev.session_id,
+                ev.device_id,
+                json.dumps(ev.data, separators=(",", ":"), ensure_ascii=False),
+            ),
+        )
+        seq = cursor.lastrowid
+        assert seq is not None
+        targets = [d for d in ROUTES.get(ev.type, ("cloud",)) if d in enabled]
+        if targets:
+            await conn.executemany(
+                "INSERT INTO deliveries (destination, seq) VALUES (?, ?)", [(d, seq) for d in targets]
+            )
+        out.append((seq, event_id))
+    return out
+
+
+# -- members ---------------------------------------------------------------------------------------------------
+
+
+def _windows(raw: str) -> tuple[TimeWindow, ...]:
+    from datetime import time
+
+    out = []
+    for item in json.loads(raw):
+        out.append(
+            TimeWindow(
+                days=frozenset(item["days"]), start=time.fromisoformat(item["from"]), end=time.fromisoformat(item["to"])
+            )
+        )
+    return tuple(out)
+
+
+def member_from_row(row: sqlite3.Row) -> Member:
+    return Member(
+        member_id=row["member_id"],
+        first_name=row["first_name"],
+        status=MemberStatus(row["status"]),
+        credits=row["credits"],
+        requires_credit=bool(row["requires_credit"]),
+        valid_from=from_ms(row["valid_from"]) if row["valid_from"] is not None else None,
+        valid_until=from_ms(row["valid_until"]) if row["valid_until"] is not None else None,
+        groups=frozenset(json.loads(row["groups_json"])),
+        hours=_windows(row["hours_json"]),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    """Everything a decision needs about one credential, read in one statement."""
+
+    member: Member | None
+    state: MemberState
+    cache: CacheInfo
+
+
+_LOOKUP_SQL = """
+SELECT ml.version AS list_version, ml.synced_at AS list_synced_at, m.*,
+       s.session_id AS open_session_id, s.court_id AS open_court_id, s.started_at AS open_started_at,
+       (SELECT COALESCE(SUM(l.delta), 0) FROM credit_ledger l
+         WHERE l.member_id = m.member_id AND l.confirmed = 0) AS pending_credits,
+       (SELECT MAX(x.started_at) FROM sessions x WHERE x.member_id = m.member_id) AS last_checkin_at
+FROM member_list ml
+LEFT JOIN {source}
+LEFT JOIN members m ON m.member_id = {member_ref}
+LEFT JOIN sessions s ON s.member_id = m.member_id AND s.ended_at IS NULL
+WHERE ml.id = 1
+"""
+_BY_CARD = _LOOKUP_SQL.format(source="cards c ON c.card_id = ?", member_ref="c.member_id")
+_BY_CODE = _LOOKUP_SQL.format(source="members k ON k.member_code = ?", member_ref="k.member_id")
+_BY_ID = _LOOKUP_SQL.format(source="members k ON k.member_id = ?", member_ref="k.member_id")
+
+
+def _lookup_from_row(row: sqlite3.Row) -> Lookup:
+    cache = CacheInfo(
+        version=row["list_version"],
+        synced_at=from_ms(row["list_synced_at"]) if row["list_synced_at"] is not None else None,
+    )
+    if row["member_id"] is None:
+        return Lookup(None, MemberState(), cache)
+    member = member_from_row(row)
+    open_session = None
+    if row["open_session_id"] is not None:
+        open_session = OpenSession(
+            session_id=row["open_session_id"],
+            member_id=member.member_id,
+            court_id=row["open_court_id"],
+            started_at=from_ms(row["open_started_at"]),
+        )
+    state = MemberState(
+        open_session=open_session,
+        last_checkin_at=from_ms(row["last_checkin_at"]) if row["last_checkin_at"] is not None else None,
+        pending_credits=int(row["pending_credits"]),
+    )
+    return Lookup(member, state, cache)
+
+
+async def lookup(
+    conn: aiosqlite.Connection,
+    *,
+    card_id: str | None = None,
+    member_code: str | None = None,
+    member_id: str | None = None,
+) -> Lookup:
+    if card_id is not None:
+        sql, key = _BY_CARD, card_id
+    elif member_code is not None:
+        sql, key = _BY_CODE, member_code
+    elif member_id is not None:
+        sql, key = _BY_ID, member_id
+    else:
+        raise ValueError("lookup needs a card id, member code or member id")
+    rows = list(await conn.execute_fetchall(sql, (key,)))
+    return _lookup_from_row(rows[0])
+
+
+async def cards_of(conn: aiosqlite.Connection, member_id: str) -> list[str]:
+    rows = await conn.execute_fetchall("SELECT card_id FROM cards WHERE member_id = ? ORDER BY card_id", (member_id,))
+    return [r[0] for r in rows]
+
+
+# -- sessions --------------------------------------------------------------------------------------------------
+
+
+async def open_session(
+    conn: aiosqlite.Connection,
+    *,
+    session_id: str,
+    member_id: str,
+    court_id: str,
+    card_id: str | None,
+    opened_by: str,
+    started_at: datetime,
+    list_version: int,
+) -> None:
+    await conn.execute(
+        "INSERT INTO sessions (session_id, member_id, court_id, card_id, opened_by, started_at, list_version)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (session_id, member_id, court_id, card_id, opened_by, to_ms(started_at), list_version),
+    )
+
+
+async def close_session(conn: aiosqlite.Connection, session_id: str, ended_at: datetime, reason: str) -> bool:
+    cursor = await conn.execute(
+        "UPDATE sessions SET ended_at = ?, end_reason = ? WHERE session_id = ? AND ended_at IS NULL",
+        (to_ms(ended_at), reason, session_id),
+    )
+    return cursor.rowcount == 1
+
+
+@dataclass(frozen=True, slots=True)
+class SessionView:
+    session_id: str
+    member_id: str
+    first_name: str
+    court_id: str
+    started_at: datetime
+    credits_left: int | None
+
+
+_OPEN_SESSIONS_SQL = """
+SELECT s.session_id, s.member_id, s.court_id, s.started_at, m.first_name, m.credits,
+       (SELECT COALESCE(SUM(l.delta), 0) FROM credit_ledger l
+         WHERE l.member_id = s.member_id AND l.confirmed = 0) AS pending
+FROM sessions s LEFT JOIN members m ON m.member_id = s.member_id
+WHERE s.ended_at IS NULL {where}
+ORDER BY s.started_at, s.session_id
+"""
+
+
+def _session_view(row: sqlite3.Row) -> SessionView:
+    credits = row["credits"]
+    return SessionView(
+        session_id=row["session_id"],
+        member_id=row["member_id"],
+        first_name=row["first_name"] or "",
+        court_id=row["court_id"],
+        started_at=from_ms(row["started_at"]),
+        credits_left=None if credits is None else credits + int(row["pending"]),
+    )
+
+
+async def open_sessions(conn: aiosqlite.Connection, court_id: str | None = None) -> list[SessionView]:
+    if court_id is None:
+        rows = await conn.execute_fetchall(_OPEN_SESSIONS_SQL.format(where=""))
+    else:
+        rows = await conn.execute_fetchall(_OPEN_SESSIONS_SQL.format(where="AND s.court_id = ?"), (court_id,))
+    return [_session_view(r) for r in rows]
+
+
+async def session_by_id(conn: aiosqlite.Connection, session_id: str) -> sqlite3.Row | None:
+    rows = list(await conn.execute_fetchall("SELECT * FROM sessions WHERE session_id = ?", (session_id,)))
+    return rows[0] if rows else None
+
+
+async def highlight_count(conn: aiosqlite.Connection, court_id: str, since: datetime) -> int:
+    rows = list(
+        await conn.execute_fetchall(
+            "SELECT COUNT(*) FROM highlights WHERE court_id = ? AND pressed_at >= ?", (court_id, to_ms(since))
+        )
+    )
+    return int(rows[0][0])
+
+
+# -- credits ---------------------------------------------------------------------------------------------------
+
+
+async def spend_credits(
+    conn: aiosqlite.Connection, member_id: str, amount: int, session_id: str, event_id: str, at: datetime
+) -> None:
+    await conn.execute(
+        "INSERT INTO credit_ledger (member_id, delta, session_id, event_id, created_at) VALUES (?, ?, ?, ?, ?)",
+        (member_id, -amount, session_id, event_id, to_ms(at)),
+    )
+
+
+# -- answered requests -----------------------------------------------------------------------------------------
+
+
+async def answered(conn: aiosqlite.Connection, device_id: str, msg_id: str) -> dict[str, Any] | None:
+    rows = list(
+        await conn.execute_fetchall(
+            "SELECT response FROM device_requests WHERE device_id = ? AND msg_id = ?", (device_id, msg_id)
+        )
+    )
+    return json.loads(rows[0][0]) if rows else None
+
+
+async def remember_answer(
+    conn: aiosqlite.Connection, device_id: str, msg_id: str, response: dict[str, Any], at: datetime
+) -> None:
+    await conn.execute(
+        "INSERT OR REPLACE INTO device_requests (device_id, msg_id, response, created_at) VALUES (?, ?, ?, ?)",
+        (device_id, msg_id, json.dumps(response, separators=(",", ":"), ensure_ascii=False), to_ms(at)),
+    )
+
+
+async def forget_answers_before(db: Database, before: datetime) -> int:
+    async with db.transaction("pruning answered requests") as conn:
+        cursor = await conn.execute("DELETE FROM device_requests WHERE created_at < ?", (to_ms(before),))
+        return cursor.rowcount
+
+
+# -- highlights ------------------------------------------------------------------------------------------------
+
+
+async def insert_highlight(
+    conn: aiosqlite.Connection,
+    *,
+    highlight_id: str,
+    court_id: str,
+    session_id: str | None,
+    button_id: str,
+    pressed_at: datetime,
+    start_at: datetime,
+    duration_ms: int,
+    kind: str,
+) -> None:
+    await conn.execute(
+        "INSERT INTO highlights (highlight_id, court_id, session_id, button_id, pressed_at, start_at, duration_ms,"
+        " kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (highlight_id, court_id, session_id, button_id, to_ms(pressed_at), to_ms(start_at), duration_ms, kind),
+    )
+
+
+# -- small durable facts ---------------------------------------------------------------------------------------
+
+
+async def get_kv(db: Database, key: str) -> str | None:
+    row = await db.fetchone("SELECT value FROM kv WHERE key = ?", (key,))
+    return None if row is None else str(row[0])
+
+
+async def set_kv(conn: aiosqlite.Connection, key: str, value: str) -> None:
+    await conn.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
