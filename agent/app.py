@@ -42,6 +42,7 @@ class Agent:
         self.broker_port: int | None = None
         self.ws_port: int | None = None
         self.api_port: int | None = None
+        self.db: Database | None = None
         self.service: AccessService | None = None
         self.dispatcher: Dispatcher | None = None
         self.sweep_interval = SWEEP_INTERVAL_S
@@ -58,6 +59,7 @@ class Agent:
             on_denied=lambda action, user: self.metrics.rejected.labels(f"acl_{action}", "denied").inc(),
         )
         async with Database(cfg.db_path) as db, EmbeddedBroker(cfg.broker, directory) as broker:
+            self.db = db
             self.broker_port, self.ws_port = broker.port, broker.ws_port
             service = AccessService(db, cfg, self.clock, boot_id(), self.metrics)
             await service.start()

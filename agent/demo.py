@@ -195,6 +195,19 @@ async def _players(
         btn = await stack.enter_async_context(sim.button(host, port, "b1", "c1", passwords["b1"]))
         tab = await stack.enter_async_context(sim.tablet(host, port, "t1", passwords["t1"]))
         courts = {f"r{n}": name for n, (_, name, _) in enumerate(COURTS, start=1)}
+        # The opening taps show each kind of answer once; the random club life follows.
+        showcase = [
+            (regular[0].card, "r1"),
+            (f"DE{rng.getrandbits(32):08X}", "r2"),
+            (next(m for m in troubled if m.kind == "suspended").card, "r3"),
+            (next(m for m in troubled if m.kind == "beach_only").card, "r1"),
+        ]
+        for card, reader_id in showcase:
+            reply = await readers[reader_id].tap(card)
+            narrator.tap(reader_id, courts[reader_id], card, reply)
+            if reply.payload["action"] == "checkin":
+                on_court[card] = (reader_id, asyncio.get_running_loop().time())
+            await asyncio.sleep(pace)
         step = 0
         while True:
             step += 1
@@ -253,7 +266,8 @@ async def run_demo(duration: float | None, pace: float, members_count: int, cons
             )
         console.print(
             f"[bold]Club agent demo[/]: {result.members} members seeded (list v{result.version}), "
-            f"3 courts, readers r1-r3, button b1, tablet t1. Data dir {tmp}"
+            f"3 courts, readers r1-r3, button b1, tablet t1. Data dir {tmp}",
+            soft_wrap=True,
         )
         agent = Agent(config)
         narrator = Narrator(console, {m.record.member_id: m for m in members})
@@ -261,7 +275,8 @@ async def run_demo(duration: float | None, pace: float, members_count: int, cons
             console.print(
                 f"Broker on 127.0.0.1:{agent.broker_port}  (try: mosquitto_sub -p {agent.broker_port} "
                 f"-u t1 -P {passwords['t1']} -t 'court/c1/#' -v)   metrics: "
-                f"http://127.0.0.1:{agent.api_port}/metrics"
+                f"http://127.0.0.1:{agent.api_port}/metrics",
+                soft_wrap=True,
             )
             console.print("Ctrl-C stops the demo.\n")
             players = _players(narrator, agent, members, passwords, random.Random(), pace)

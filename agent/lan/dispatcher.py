@@ -67,7 +67,7 @@ class Job:
     route: topics.Route
     payload: bytes
     received: float  # perf_counter at arrival, for the latency histogram
-    reply: tuple[str, dict[str, Any]] | None = None  # a ready answer to publish in order, instead of deciding
+    reply: tuple[str, bytes, bool] | None = None  # (topic, payload, retain) to publish in order, instead of deciding
 
 
 Publish = Callable[[str, dict[str, Any], bool], Awaitable[None]]
@@ -143,8 +143,7 @@ class Dispatcher:
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         await client.publish(topics.AGENT_STATUS, self._status("online"), qos=1, retain=True)
-        for topic_filter in topics.SUBSCRIPTIONS:
-            await client.subscribe(topic_filter, qos=1)
+        await self.subscribe_all()
         for court_id in self._service.courts:
             await self.publish_court(court_id)
         self.connected.set()
@@ -158,6 +157,12 @@ class Dispatcher:
         finally:
             self.connected.clear()
 
+    async def subscribe_all(self) -> None:
+        """(Re)subscribe to every inbound topic; the broker then redelivers any stored retained messages."""
+        if self._client is not None:
+            for topic_filter in topics.SUBSCRIPTIONS:
+                await self._client.subscribe(topic_filter, qos=1)
+
     async def announce_offline(self) -> None:
         """A clean stop says so itself; the will covers the unclean ones."""
         if self._client is not None:
@@ -168,18 +173,15 @@ class Dispatcher:
                 pass
 
     async def publish(self, topic: str, payload: dict[str, Any], retain: bool = False) -> None:
+        await self._publish_raw(topic, _encode(payload), retain)
+
+    async def _publish_raw(self, topic: str, data: bytes, retain: bool) -> None:
         client = self._client
         if client is None:
             self._once.warning("publish_while_disconnected", topic.split("/")[0], topic=topic)
             return
         try:
-            await client.publish(
-                topic,
-                json.dumps(payload, ensure_ascii=False, separators=(",", ":")),
-                qos=1,
-                retain=retain,
-                timeout=PUBLISH_TIMEOUT_S,
-            )
+            await client.publish(topic, data, qos=1, retain=retain, timeout=PUBLISH_TIMEOUT_S)
         except aiomqtt.MqttError as exc:
             # The decision is already durable; a device that missed the reply repeats its msg_id and is
             # answered from the store.
@@ -208,8 +210,10 @@ class Dispatcher:
             self._heartbeat(route.device_or_court, raw)
             return
         if message.retain:
-            # A retained command would be re-decided on every reconnect of the agent: never act on one.
+            # A stored retained command would be re-decided on every re-subscribe: never act on one, and clear it.
             self._reject(route.kind.value, "retained_command", route.device_or_court, topic)
+            with contextlib.suppress(asyncio.QueueFull):
+                self._queue.put_nowait(Job(route, b"", time.perf_counter(), reply=(topic, b"", True)))
             return
         now = time.perf_counter()
         key = f"{route.kind.value}:{route.device_or_court}"
@@ -233,7 +237,9 @@ class Dispatcher:
             reply = self._service.denial(Reason.RATE_LIMITED, payloads.msg_id_of(raw, self._limit))
             # Queued behind the worker rather than a task of its own: a flood cannot multiply tasks.
             with contextlib.suppress(asyncio.QueueFull):
-                self._queue.put_nowait(Job(route, b"", now, reply=(topics.reader_response(reader), reply)))
+                self._queue.put_nowait(
+                    Job(route, b"", now, reply=(topics.reader_response(reader), _encode(reply), False))
+                )
 
     def _heartbeat(self, tablet_id: str, raw: bytes) -> None:
         try:
@@ -258,7 +264,7 @@ class Dispatcher:
     async def _handle(self, job: Job) -> None:
         route, raw = job.route, job.payload
         if job.reply is not None:
-            await self.publish(*job.reply)
+            await self._publish_raw(*job.reply)
             return
         match route.kind:
             case Kind.SCAN:
@@ -370,3 +376,7 @@ def _tablet_id_of(raw: bytes, limit: int) -> str | None:
         return None
     value = doc.get("tablet_id")
     return value if isinstance(value, str) and 0 < len(value) <= payloads.MAX_ID else None
+
+
+def _encode(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()

@@ -1,0 +1,195 @@
+"""Shared fixtures: a real agent with its embedded broker on an ephemeral loopback port, a SQLite store in
+tmp_path seeded with a handful of members, and a manual clock the tests move by hand."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import pytest
+
+from agent import sim
+from agent.app import Agent, running
+from agent.clock import ManualClock
+from agent.config import Config, parse_config
+from agent.lan import topics
+from agent.lan.auth import hash_password
+from agent.store.db import Database
+from agent.store.members import MemberRecord, apply_members
+
+# Monday 2 March 2026, 12:00 in São Paulo: inside every opening hour used below.
+T0 = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)
+
+DEVICES: list[dict[str, Any]] = [
+    {"id": "r1", "kind": "reader", "court": "c1"},
+    {"id": "r2", "kind": "reader", "court": "c2"},
+    {"id": "rx", "kind": "reader", "court": "c1", "direction": "out"},
+    {"id": "b1", "kind": "button", "court": "c1"},
+    {"id": "t1", "kind": "tablet", "court": "c1"},
+    {"id": "desk", "kind": "tablet"},
+    {"id": "d1", "kind": "display", "court": "c2"},
+]
+PASSWORDS = {d["id"]: f"pw-{d['id']}-0123456789" for d in DEVICES}
+_HASHES: dict[str, str] = {}
+
+ANA = "04A1B2C3D4"  # active, 2 credits, code 1001
+BRUNO = "04B0B0B0B0"  # active, no credit plan
+CARLA = "04CA0CA0CA"  # suspended
+DIEGO = "04D1E60000"  # expired
+EVA = "04E0A00000"  # active, 0 credits
+FABIO = "04FAB10000"  # beach only: not allowed on padel court c1
+UNKNOWN = "DEADBEEF01"
+
+
+def members() -> list[MemberRecord]:
+    future = date(2027, 1, 1)
+
+    def member(member_id: str, name: str, card: str, **kw: Any) -> MemberRecord:
+        return MemberRecord(member_id=member_id, first_name=name, cards=[card], valid_until=future, **kw)
+
+    return [
+        member("m-ana", "Ana", ANA, member_code="1001", credits=2, requires_credit=True, groups=["padel"]),
+        member("m-bruno", "Bruno", BRUNO, member_code="1002", groups=["padel", "beach"]),
+        member("m-carla", "Carla", CARLA, status="suspended", groups=["padel"]),
+        MemberRecord(
+            member_id="m-diego", first_name="Diego", cards=[DIEGO], valid_until=date(2026, 1, 31), groups=["padel"]
+        ),
+        member("m-eva", "Eva", EVA, credits=0, requires_credit=True, groups=["padel"]),
+        member("m-fabio", "Fabio", FABIO, groups=["beach"]),
+    ]
+
+
+def make_config(data_dir: Path, **overrides: Any) -> Config:
+    if not _HASHES:
+        _HASHES.update({k: hash_password(v) for k, v in PASSWORDS.items()})
+    raw: dict[str, Any] = {
+        "agent": {
+            "club_id": "club-test",
+            "agent_id": "edge-test",
+            "data_dir": str(data_dir),
+            "timezone": "America/Sao_Paulo",
+        },
+        "broker": {"host": "127.0.0.1", "port": 0},
+        "api": {"host": "127.0.0.1", "port": 0},
+        "policy": {"debounce_s": 3, "second_tap_grace_s": 60, "session_max_minutes": 120},
+        "courts": [
+            {
+                "id": "c1",
+                "name": "Quadra 1",
+                "access_groups": ["padel"],
+                "hours": [{"days": [1, 2, 3, 4, 5, 6, 7], "from": "06:00", "to": "23:00"}],
+            },
+            {"id": "c2", "name": "Quadra 2"},
+        ],
+        "devices": [{**d, "password_hash": _HASHES[d["id"]]} for d in DEVICES],
+        "ziggy": {"base_url": "http://127.0.0.1:9/api/v1", "client_id": "club-test"},
+        "cloud": {"base_url": "http://127.0.0.1:9", "token_url": "http://127.0.0.1:9/token", "client_id": "edge-test"},
+    }
+    for section, values in overrides.items():
+        raw[section] = {**raw.get(section, {}), **values} if isinstance(values, dict) else values
+    return parse_config(raw, source="test")
+
+
+async def seed(config: Config, records: list[MemberRecord] | None = None, synced_at: datetime | None = T0) -> None:
+    async with Database(config.db_path) as db:
+        await apply_members(
+            db,
+            records if records is not None else members(),
+            tz=config.domain_policy().timezone,
+            source="test",
+            synced_at=synced_at,
+        )
+
+
+@dataclass
+class Premises:
+    agent: Agent
+    config: Config
+    clock: ManualClock
+    host: str = "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        assert self.agent.broker_port is not None
+        return self.agent.broker_port
+
+    def reader(self, reader_id: str = "r1") -> Any:
+        return sim.reader(self.host, self.port, reader_id, PASSWORDS[reader_id])
+
+    def button(self, button_id: str = "b1", court_id: str = "c1") -> Any:
+        return sim.button(self.host, self.port, button_id, court_id, PASSWORDS[button_id])
+
+    def tablet(self, tablet_id: str = "t1") -> Any:
+        return sim.tablet(self.host, self.port, tablet_id, PASSWORDS[tablet_id])
+
+    def client(self, username: str, **kw: Any) -> aiomqtt.Client:
+        return aiomqtt.Client(
+            self.host,
+            self.port,
+            username=username,
+            password=PASSWORDS.get(username, "x"),
+            identifier=kw.pop("identifier", username),
+            socket_options=topics.NODELAY,
+            **kw,
+        )
+
+    async def rows(self, sql: str, *params: Any) -> list[Any]:
+        assert self.agent.db is not None
+        return [tuple(r) for r in await self.agent.db.fetchall(sql, params)]
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.agent.metrics.value(name, labels)
+
+
+PremisesFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def premises_factory(tmp_path: Path) -> AsyncIterator[PremisesFactory]:
+    """Start agents on demand (config overrides as keyword sections); all are stopped at teardown."""
+    stack: list[Any] = []
+
+    async def start(
+        *,
+        records: list[MemberRecord] | None = None,
+        clock: ManualClock | None = None,
+        synced_at: datetime | None = T0,
+        **overrides: Any,
+    ) -> Premises:
+        data_dir = tmp_path / f"agent{len(stack)}"
+        config = make_config(data_dir, **overrides)
+        await seed(config, records, synced_at)
+        clock = clock or ManualClock(T0)
+        agent = Agent(config, clock=clock)
+        ctx = running(agent)
+        await ctx.__aenter__()
+        stack.append(ctx)
+        return Premises(agent, config, clock)
+
+    yield start
+    for ctx in reversed(stack):
+        await ctx.__aexit__(None, None, None)
+
+
+@pytest.fixture
+async def premises(premises_factory: PremisesFactory) -> Premises:
+    result: Premises = await premises_factory()
+    return result
+
+
+async def next_message(client: aiomqtt.Client, topic_filter: str, within: float = 5.0) -> dict[str, Any]:
+    """The next message on a topic matching `topic_filter`, decoded."""
+    async with asyncio.timeout(within):
+        async for message in client.messages:
+            if topics.matches(message.topic.value, topic_filter):
+                payload = message.payload
+                assert isinstance(payload, bytes | bytearray)
+                decoded: dict[str, Any] = json.loads(payload)
+                return decoded
+    raise AssertionError("message stream ended")
