@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 from .config import DEFAULT_CONFIG_PATH, Config, load_config
@@ -43,8 +44,9 @@ app.add_typer(members_app, name="members")
 app.add_typer(devices_app, name="devices")
 app.add_typer(store_app, name="store")
 
-out = Console()
-err = Console(stderr=True)
+# soft_wrap: a hash or a path piped to a file must stay on one line, whatever the terminal width.
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 _debug = False
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Agent config file (TOML).")]
@@ -107,11 +109,11 @@ def demo(
 def config_check(path: Annotated[Path, typer.Argument(help="Config file to validate.")]) -> None:
     """Validate a config file (and its secrets file); exit 2 naming the key if it is wrong."""
     cfg = _load(path)
-    out.print(
-        f"[green]OK[/] {path}: club {cfg.agent.club_id}, agent {cfg.agent.agent_id}, "
-        f"{len(cfg.courts)} courts, {len(cfg.devices)} devices, destinations: "
-        f"{', '.join(cfg.destinations) or 'none'}"
+    summary = (
+        f" {path}: club {cfg.agent.club_id}, agent {cfg.agent.agent_id}, {len(cfg.courts)} courts, "
+        f"{len(cfg.devices)} devices, destinations: {', '.join(cfg.destinations) or 'none'}"
     )
+    out.print(Text.assemble(("OK", "green"), summary))
 
 
 @members_app.command("import")
@@ -177,7 +179,7 @@ def members_show(
             if found is None or found.member is None:
                 found = await repo.lookup(db.reader, member_id=key)
             if found.member is None:
-                err.print(f"no member with card or id '{key}' (member list v{found.cache.version})")
+                err.print(f"no member with card or id '{key}' (member list v{found.cache.version})", markup=False)
                 return 1
             m = found.member
             cards = await repo.cards_of(db.reader, m.member_id)
@@ -229,7 +231,7 @@ def store_recover(config: ConfigOpt = DEFAULT_CONFIG_PATH) -> None:
     cfg = _load(config)
     report = asyncio.run(recover(cfg.db_path))
     for table, result in report.items():
-        out.print(f"{table:<16} {result}")
+        out.print(f"{table:<16} {result}", markup=False)
 
 
 def main() -> None:
@@ -239,12 +241,12 @@ def main() -> None:
     except ConfigError as exc:
         if _debug:
             raise
-        err.print(f"[red]config error[/]: {exc}", highlight=False, soft_wrap=True)
+        err.print(Text.assemble(("config error", "red"), f": {exc}"), highlight=False)
         sys.exit(2)
     except AgentError as exc:
         if _debug:
             raise
-        err.print(f"[red]error[/]: {exc}", highlight=False, soft_wrap=True)
+        err.print(Text.assemble(("error", "red"), f": {exc}"), highlight=False)
         sys.exit(1)
 
 

@@ -206,8 +206,14 @@ SALVAGE_TABLES = (
 
 
 def _move_aside(path: Path) -> Path:
+    if not path.exists():
+        raise StoreError(f"no database at {path}: nothing to recover")
     stamp = time.strftime("%Y%m%dT%H%M%S")
     aside = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while aside.exists():  # never overwrite an earlier corrupt copy
+        aside = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        n += 1
     for suffix in ("", "-wal", "-shm"):
         src = Path(f"{path}{suffix}")
         if src.exists():
@@ -224,7 +230,11 @@ async def recover(path: Path) -> dict[str, str]:
     report: dict[str, str] = {"moved_to": str(aside)}
     async with Database(path, check=False) as fresh:
         conn = fresh.conn
-        await conn.execute("ATTACH DATABASE ? AS old", (str(aside),))
+        try:
+            await conn.execute("ATTACH DATABASE ? AS old", (str(aside),))
+        except sqlite3.Error as exc:  # even the schema is unreadable: start empty, keep the corrupt copy
+            report.update({table: f"unreadable: {exc}" for table in SALVAGE_TABLES})
+            return report
         for table in SALVAGE_TABLES:
             try:
                 async with fresh.transaction(f"salvaging {table}"):
@@ -233,6 +243,6 @@ async def recover(path: Path) -> dict[str, str]:
                     cursor = await conn.execute(f"INSERT OR IGNORE INTO main.{table} SELECT * FROM old.{table}")  # noqa: S608
                     report[table] = f"{cursor.rowcount} rows"
             except StoreError as exc:
-                report[table] = f"unreadable: {exc}"
+                report[table] = f"unreadable: {(exc.__cause__ or exc)}"
         await conn.execute("DETACH DATABASE old")
     return report

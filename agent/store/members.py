@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from ..config import HoursConfig
 from ..domain.model import MemberStatus, normalize_card_id
@@ -39,6 +39,18 @@ def _blank_to_none(value: Any) -> Any:
     return None if isinstance(value, str) and not value.strip() else value
 
 
+def _date_or_instant(value: Any) -> Any:
+    """'2026-03-31' is a whole day; '2026-03-31T00:00:00Z' is that instant (pydantic would read it as a date)."""
+    value = _blank_to_none(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            return date.fromisoformat(text) if len(text) == 10 else datetime.fromisoformat(text)
+        except ValueError as exc:
+            raise ValueError("expected a date YYYY-MM-DD or an ISO 8601 date-time") from exc
+    return value
+
+
 class PlanRecord(BaseModel):
     model_config = ConfigDict(extra="ignore")
     requires_credit: bool = False
@@ -51,18 +63,18 @@ class MemberRecord(BaseModel):
     model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
 
     member_id: str = Field(min_length=1, max_length=128)
-    first_name: str = Field(min_length=1, max_length=128)
+    deleted: bool = False  # a tombstone: declared before first_name, whose check depends on it
+    first_name: str = Field(default="", max_length=128, validate_default=True)
     last_name: str = Field(default="", max_length=128)
     member_code: Annotated[str | None, BeforeValidator(_blank_to_none)] = Field(default=None, max_length=64)
     status: MemberStatus = MemberStatus.ACTIVE
     cards: Annotated[list[str], BeforeValidator(_split_list)] = Field(default_factory=list)
     credits: Annotated[int | None, BeforeValidator(_blank_to_none)] = Field(default=None, ge=0)
     requires_credit: Annotated[bool | None, BeforeValidator(_blank_to_none)] = None
-    valid_from: Annotated[date | datetime | None, BeforeValidator(_blank_to_none)] = None
-    valid_until: Annotated[date | datetime | None, BeforeValidator(_blank_to_none)] = None
+    valid_from: Annotated[datetime | date | None, BeforeValidator(_date_or_instant)] = None
+    valid_until: Annotated[datetime | date | None, BeforeValidator(_date_or_instant)] = None
     groups: Annotated[list[str], BeforeValidator(_split_list)] = Field(default_factory=list)
     plan: PlanRecord | None = None
-    deleted: bool = False
 
     @field_validator("cards")
     @classmethod
@@ -74,6 +86,13 @@ class MemberRecord(BaseModel):
             except ValueError as exc:
                 raise ValueError(f"card '{card}': {exc}") from exc
         return out
+
+    @field_validator("first_name")
+    @classmethod
+    def _named(cls, name: str, info: ValidationInfo) -> str:
+        if not name and not info.data.get("deleted"):
+            raise ValueError("first_name is required (only a record with deleted=true may omit it)")
+        return name
 
     def needs_credit(self) -> bool:
         if self.requires_credit is not None:
@@ -144,6 +163,7 @@ def read_member_file(path: Path, fmt: Literal["auto", "csv", "json"] = "auto") -
     records: list[MemberRecord] = []
     seen_ids: dict[str, int] = {}
     seen_cards: dict[str, tuple[int, str]] = {}
+    seen_codes: dict[str, int] = {}
     for line, raw in rows:
         try:
             record = MemberRecord.model_validate(raw)
@@ -160,6 +180,14 @@ def read_member_file(path: Path, fmt: Literal["auto", "csv", "json"] = "auto") -
                 field="member_id",
             )
         seen_ids[record.member_id] = line
+        if record.member_code is not None:
+            if record.member_code in seen_codes:
+                raise ImportFileError(
+                    f"member_code '{record.member_code}' already appears on line {seen_codes[record.member_code]}",
+                    line=line,
+                    field="member_code",
+                )
+            seen_codes[record.member_code] = line
         for card in record.cards:
             if card in seen_cards:
                 other_line, other = seen_cards[card]
