@@ -30,6 +30,7 @@ from .store.db import Database
 from .store.repo import NewEvent, Stamp, iso, new_id
 
 log = get_logger("agent.access")
+MAX_PLAYERS_SHOWN = 16  # a court screen lists this many players; player_count has the total
 ANSWER_MEMORY = 4096  # recent (device, msg_id) answers kept in memory in front of the table
 ANSWER_RETENTION = timedelta(days=2)
 LAST_TRUSTED_KEY = "last_trusted_ms"
@@ -561,6 +562,7 @@ class AccessService:
             "court_id": court_id,
             "name": court.name,
             "occupied": bool(sessions),
+            "player_count": len(sessions),
             "players": [
                 {
                     "session_id": s.session_id,
@@ -569,7 +571,7 @@ class AccessService:
                     "started_at": iso(s.started_at),
                     "credits_left": s.credits_left,
                 }
-                for s in sessions
+                for s in sessions[:MAX_PLAYERS_SHOWN]
             ],
             "highlight_count": count,
             "updated_at": iso(self._clock.wall()),

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import secrets
 from collections.abc import AsyncIterator, Callable
 
@@ -28,6 +30,25 @@ from .web.server import make_app
 
 log = get_logger("agent.app")
 SWEEP_INTERVAL_S = 30.0
+_M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
+_M_ARENA_MAX = -8
+
+
+def limit_malloc_growth() -> None:
+    """Stop glibc from keeping freed large blocks (argon2's 19 MiB per verify) in its heap arenas.
+
+    glibc raises its mmap threshold after each large free, so later large blocks come from arenas that never
+    shrink; fixing the threshold and the number of arenas keeps the agent's RSS flat on a 1 GB Pi.
+    """
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return
+    try:
+        libc = ctypes.CDLL(libc_name)
+        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+        libc.mallopt(_M_ARENA_MAX, 2)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        pass
 
 
 class Agent:
@@ -58,26 +79,34 @@ class Agent:
             allow_anonymous=cfg.broker.allow_anonymous,
             on_denied=lambda action, user: self.metrics.rejected.labels(f"acl_{action}", "denied").inc(),
         )
-        async with Database(cfg.db_path) as db, EmbeddedBroker(cfg.broker, directory) as broker:
-            self.db = db
-            self.broker_port, self.ws_port = broker.port, broker.ws_port
-            service = AccessService(db, cfg, self.clock, boot_id(), self.metrics)
-            await service.start()
-            count = await db.fetchone("SELECT members FROM member_list WHERE id = 1")
-            self.metrics.members_cached.set(count[0] if count else 0)
-            dispatcher = Dispatcher(service, cfg, self.metrics, self.presence, self.clock)
-            self.service, self.dispatcher = service, dispatcher
-            runner = await self._start_web(broker, db)
-            try:
-                async with asyncio.TaskGroup() as tg:
-                    tg.create_task(dispatcher.run("127.0.0.1", broker.port, AGENT_USERNAME, self._agent_password))
-                    tg.create_task(self._sweeper(service, dispatcher))
-                    tg.create_task(self._announce_ready(dispatcher))
-            finally:
-                await dispatcher.announce_offline()
-                if runner is not None:
-                    await runner.cleanup()
-                log.info("agent_stopped")
+        limit_malloc_growth()
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(directory.close)
+            db = await stack.enter_async_context(Database(cfg.db_path))
+            broker = await stack.enter_async_context(EmbeddedBroker(cfg.broker, directory))
+            await self._serve(db, broker)
+
+    async def _serve(self, db: Database, broker: EmbeddedBroker) -> None:
+        cfg = self.config
+        self.db = db
+        self.broker_port, self.ws_port = broker.port, broker.ws_port
+        service = AccessService(db, cfg, self.clock, boot_id(), self.metrics)
+        await service.start()
+        count = await db.fetchone("SELECT members FROM member_list WHERE id = 1")
+        self.metrics.members_cached.set(count[0] if count else 0)
+        dispatcher = Dispatcher(service, cfg, self.metrics, self.presence, self.clock)
+        self.service, self.dispatcher = service, dispatcher
+        runner = await self._start_web(broker, db)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(dispatcher.run("127.0.0.1", broker.port, AGENT_USERNAME, self._agent_password))
+                tg.create_task(self._sweeper(service, dispatcher))
+                tg.create_task(self._announce_ready(dispatcher))
+        finally:
+            await dispatcher.announce_offline()
+            if runner is not None:
+                await runner.cleanup()
+            log.info("agent_stopped")
 
     async def _start_web(self, broker: EmbeddedBroker, db: Database) -> web.AppRunner | None:
         if not self.config.api.enabled:
@@ -121,7 +150,7 @@ class Agent:
                 log.warning("sweep_failed", error=str(exc))
                 continue
             for court_id in changed:
-                await dispatcher.publish_court(court_id)
+                dispatcher.court_changed(court_id)
 
 
 @contextlib.asynccontextmanager

@@ -41,6 +41,9 @@ BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 30.0
 AUTH_BACKOFF_S = 60.0
 KEEPALIVE_S = 30
+# Court screens are refreshed at most this often: a burst of taps on one court becomes one retained update.
+COURT_STATE_COALESCE_S = 0.02
+MAX_IN_FLIGHT = 1000
 
 
 class TokenBucket:
@@ -88,6 +91,9 @@ class Dispatcher:
         self._told_limited: dict[str, float] = {}
         self._once = OnceLogger(log)
         self._client: aiomqtt.Client | None = None
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._dirty_courts: set[str] = set()
+        self._courts_changed = asyncio.Event()
         self.connected = asyncio.Event()
         self.on_outcome: Callable[[Kind, str, Outcome, float], None] | None = None  # demo console, benchmarks
 
@@ -152,6 +158,7 @@ class Dispatcher:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._worker())
+                tg.create_task(self._court_publisher())
                 async for message in client.messages:
                     self._receive(message)
         finally:
@@ -189,6 +196,31 @@ class Dispatcher:
 
     async def publish_court(self, court_id: str) -> None:
         await self.publish(topics.court_state(court_id), await self._service.court_state(court_id), retain=True)
+
+    def court_changed(self, court_id: str) -> None:
+        """Schedule a refresh of a court's retained state, off the decision path and coalesced."""
+        self._dirty_courts.add(court_id)
+        self._courts_changed.set()
+
+    async def _court_publisher(self) -> None:
+        while True:
+            await self._courts_changed.wait()
+            await asyncio.sleep(COURT_STATE_COALESCE_S)
+            self._courts_changed.clear()
+            dirty, self._dirty_courts = self._dirty_courts, set()
+            for court_id in sorted(dirty):
+                await self.publish_court(court_id)
+
+    async def _send(self, topic: str, payload: dict[str, Any]) -> None:
+        """Hand a reply to the client without waiting for its PUBACK, so the worker can decide the next tap.
+
+        paho queues packets in call order, so replies keep their order; the tasks are kept until done.
+        """
+        while len(self._in_flight) >= MAX_IN_FLIGHT:
+            await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
+        task = asyncio.create_task(self._publish_raw(topic, _encode(payload), False))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
 
     # -- inbound ---------------------------------------------------------------------------------------------
 
@@ -277,9 +309,9 @@ class Dispatcher:
                 raise AssertionError(route.kind)
 
     async def _finish(self, kind: Kind, topic: str, key: str, outcome: Outcome, received: float) -> None:
-        await self.publish(topic, outcome.response)
-        for court_id in sorted(outcome.courts):
-            await self.publish_court(court_id)
+        await self._send(topic, outcome.response)
+        for court_id in outcome.courts:
+            self.court_changed(court_id)
         if self.on_outcome is not None:
             self.on_outcome(kind, key, outcome, time.perf_counter() - received)
 
