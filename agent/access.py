@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -168,6 +168,37 @@ class AccessService:
             member_code=member_code,
         )
 
+    async def _exactly_once(
+        self,
+        device_id: str,
+        msg_id: str | None,
+        what: str,
+        body: Callable[[aiosqlite.Connection, Stamp], Awaitable[Outcome]],
+        unavailable: dict[str, Any],
+    ) -> Outcome:
+        """Run `body` in one transaction unless this (device, msg_id) was answered before, and store its answer
+        in the same transaction, so a repeated message is answered again and never acted on twice."""
+        replay = self._replay(device_id, msg_id)
+        if replay is None:
+            try:
+                async with self._db.transaction(f"recording a {what}") as conn:
+                    prior = await repo.answered(conn, device_id, msg_id) if msg_id is not None else None
+                    if prior is None:
+                        stamp = self._stamp()
+                        outcome = await body(conn, stamp)
+                        if msg_id is not None:
+                            await repo.remember_answer(conn, device_id, msg_id, outcome.response, stamp.wall)
+            except StoreError as exc:
+                self._metrics.store_errors.labels(what).inc()
+                self._once.warning("not_recorded", what, what=what, error=str(exc))
+                return Outcome(unavailable)
+            replay = prior
+        if replay is not None:
+            self._metrics.replayed.labels("msg_id").inc()
+            outcome = Outcome(replay, replayed=True)
+        self._remember(device_id, msg_id, outcome.response)
+        return outcome
+
     async def _decide_tap(
         self,
         *,
@@ -179,69 +210,18 @@ class AccessService:
         member_code: str | None = None,
     ) -> Outcome:
         started = time.perf_counter()
-        replay = self._replay(device_id, msg_id)
-        if replay is not None:
-            self._metrics.replayed.labels("msg_id").inc()
-            return Outcome(replay, replayed=True)
         credential = card_id if card_id is not None else f"code:{member_code}"
         recent = self._recent.get((device_id, credential))
         mono = self._clock.monotonic_ns()
-        if recent is not None and mono - recent.mono_ns < self._debounce_ns:
+        if recent is not None and mono - recent.mono_ns < self._debounce_ns and self._replay(device_id, msg_id) is None:
             self._metrics.replayed.labels("debounce").inc()
             return Outcome({**recent.response, "msg_id": msg_id}, replayed=True)
 
-        try:
-            outcome = await self._decide_in_transaction(
-                device_id=device_id,
-                court=court,
-                direction=direction,
-                msg_id=msg_id,
-                card_id=card_id,
-                member_code=member_code,
-            )
-        except StoreError as exc:
-            self._metrics.store_errors.labels("decision").inc()
-            self._once.warning("decision_not_recorded", type(exc).__name__, error=str(exc))
-            self._metrics.scans.labels(device_id, "denied", Reason.UNAVAILABLE.value).inc()
-            return Outcome(self.denial(Reason.UNAVAILABLE, msg_id))
-
-        if outcome.replayed:
-            self._metrics.replayed.labels("msg_id").inc()
-        else:
-            decision = outcome.decision
-            assert decision is not None
-            self._metrics.decision_seconds.observe(time.perf_counter() - started)
-            self._metrics.scans.labels(device_id, outcome.response["status"], decision.reason.value).inc()
-            if decision.action is Action.CHECKIN:
-                self._metrics.sessions.labels("opened", "tap").inc()
-            elif decision.action is Action.CHECKOUT:
-                self._metrics.sessions.labels("closed", "tap").inc()
-        self._remember(device_id, msg_id, outcome.response)
-        self._recent[(device_id, credential)] = _Recent(mono, outcome.response)
-        if len(self._recent) > 1024:
-            horizon = mono - self._debounce_ns
-            self._recent = {k: v for k, v in self._recent.items() if v.mono_ns >= horizon}
-        return outcome
-
-    async def _decide_in_transaction(
-        self,
-        *,
-        device_id: str,
-        court: Court,
-        direction: Direction,
-        msg_id: str | None,
-        card_id: str | None,
-        member_code: str | None,
-    ) -> Outcome:
-        async with self._db.transaction("recording a decision") as conn:
-            if msg_id is not None:
-                prior = await repo.answered(conn, device_id, msg_id)
-                if prior is not None:
-                    return Outcome(prior, replayed=True)
-            stamp = self._stamp()
+        async def body(conn: aiosqlite.Connection, stamp: Stamp) -> Outcome:
             found = await repo.lookup(conn, card_id=card_id, member_code=member_code)
             decision = decide(found.member, court, direction, self._now(stamp), found.state, found.cache, self._policy)
             first_name = found.member.first_name if found.member else None
+            open_session = found.state.open_session
             session_id = await self._apply(
                 conn,
                 stamp,
@@ -250,13 +230,29 @@ class AccessService:
                 court=court,
                 card_id=card_id,
                 msg_id=msg_id,
-                started_at=(found.state.open_session.started_at if found.state.open_session else None),
+                started_at=open_session.started_at if open_session else None,
             )
+            changed = frozenset({court.court_id}) if decision.action is not Action.NONE else frozenset()
             response = self._reply(decision, first_name, msg_id, session_id)
-            if msg_id is not None:
-                await repo.remember_answer(conn, device_id, msg_id, response, stamp.wall)
-        changed = frozenset({court.court_id}) if decision.action is not Action.NONE else frozenset()
-        return Outcome(response, decision=decision, first_name=first_name, courts=changed)
+            return Outcome(response, decision=decision, first_name=first_name, courts=changed)
+
+        outcome = await self._exactly_once(device_id, msg_id, "decision", body, self.denial(Reason.UNAVAILABLE, msg_id))
+        decision = outcome.decision
+        if decision is not None:
+            self._metrics.decision_seconds.observe(time.perf_counter() - started)
+            if decision.action is Action.CHECKIN:
+                self._metrics.sessions.labels("opened", "tap").inc()
+            elif decision.action is Action.CHECKOUT:
+                self._metrics.sessions.labels("closed", "tap").inc()
+        if not outcome.replayed:
+            reason = decision.reason.value if decision else Reason.UNAVAILABLE.value
+            self._metrics.scans.labels(device_id, outcome.response["status"], reason).inc()
+        if decision is not None:  # only a recorded decision is repeated; "unavailable" is retried at once
+            self._recent[(device_id, credential)] = _Recent(mono, outcome.response)
+            if len(self._recent) > 1024:
+                horizon = mono - self._debounce_ns
+                self._recent = {k: v for k, v in self._recent.items() if v.mono_ns >= horizon}
+        return outcome
 
     async def _apply(
         self,
@@ -375,131 +371,92 @@ class AccessService:
         card_id: str | None = None,
     ) -> Outcome:
         """An explicit checkout from a court tablet: no toggle rules, only "is there such a session here"."""
-        replay = self._replay(tablet_id, msg_id)
-        if replay is not None:
-            return Outcome(replay, replayed=True)
-        try:
-            async with self._db.transaction("recording a checkout") as conn:
-                if msg_id is not None and (prior := await repo.answered(conn, tablet_id, msg_id)) is not None:
-                    return Outcome(prior, replayed=True)
-                stamp = self._stamp()
-                row = None
-                if session_id is not None:
-                    row = await repo.session_by_id(conn, session_id)
-                elif card_id is not None:
-                    found = await repo.lookup(conn, card_id=card_id)
-                    if found.state.open_session is not None:
-                        row = await repo.session_by_id(conn, found.state.open_session.session_id)
-                if row is None or row["ended_at"] is not None or row["court_id"] != court_id:
-                    response = self.denial(Reason.NO_OPEN_SESSION, msg_id)
-                    changed: frozenset[str] = frozenset()
-                else:
-                    started_at = repo.from_ms(row["started_at"])
-                    await repo.close_session(conn, row["session_id"], stamp.wall, "tablet")
-                    await repo.append_events(
-                        conn,
-                        stamp,
-                        [
-                            self._ended_event(
-                                row["session_id"],
-                                row["member_id"],
-                                court_id,
-                                started_at,
-                                stamp.wall,
-                                "tablet",
-                                tablet_id,
-                            )
-                        ],
-                        self._destinations,
-                    )
-                    response = {
-                        "msg_id": msg_id,
-                        "status": "ok",
-                        "action": "checkout",
-                        "session_id": row["session_id"],
-                        "member_id": row["member_id"],
-                        "duration_minutes": duration_minutes(started_at, stamp.wall),
-                    }
-                    changed = frozenset({court_id})
-                if msg_id is not None:
-                    await repo.remember_answer(conn, tablet_id, msg_id, response, stamp.wall)
-        except StoreError as exc:
-            self._metrics.store_errors.labels("checkout").inc()
-            self._once.warning("checkout_not_recorded", type(exc).__name__, error=str(exc))
-            return Outcome(self.denial(Reason.UNAVAILABLE, msg_id))
-        if changed:
+
+        async def body(conn: aiosqlite.Connection, stamp: Stamp) -> Outcome:
+            row = None
+            if session_id is not None:
+                row = await repo.session_by_id(conn, session_id)
+            elif card_id is not None:
+                found = await repo.lookup(conn, card_id=card_id)
+                if found.state.open_session is not None:
+                    row = await repo.session_by_id(conn, found.state.open_session.session_id)
+            if row is None or row["ended_at"] is not None or row["court_id"] != court_id:
+                return Outcome(self.denial(Reason.NO_OPEN_SESSION, msg_id))
+            started_at = repo.from_ms(row["started_at"])
+            await repo.close_session(conn, row["session_id"], stamp.wall, "tablet")
+            ended = self._ended_event(
+                row["session_id"], row["member_id"], court_id, started_at, stamp.wall, "tablet", tablet_id
+            )
+            await repo.append_events(conn, stamp, [ended], self._destinations)
+            response = {
+                "msg_id": msg_id,
+                "status": "ok",
+                "action": "checkout",
+                "session_id": row["session_id"],
+                "member_id": row["member_id"],
+                "duration_minutes": duration_minutes(started_at, stamp.wall),
+            }
+            return Outcome(response, courts=frozenset({court_id}))
+
+        outcome = await self._exactly_once(tablet_id, msg_id, "checkout", body, self.denial(Reason.UNAVAILABLE, msg_id))
+        if outcome.courts and not outcome.replayed:
             self._metrics.sessions.labels("closed", "tablet").inc()
-        self._remember(tablet_id, msg_id, response)
-        return Outcome(response, courts=changed)
+        return outcome
 
     # -- highlight button --------------------------------------------------------------------------------------
 
     async def button(self, court_id: str, button_id: str, msg_id: str | None, kind: str = "short") -> Outcome:
         """A highlight press: recorded even without a session (the cloud may still cut it from its stream)."""
-        replay = self._replay(button_id, msg_id)
-        if replay is not None:
-            return Outcome(replay, replayed=True)
-        try:
-            async with self._db.transaction("recording a highlight") as conn:
-                if msg_id is not None and (prior := await repo.answered(conn, button_id, msg_id)) is not None:
-                    return Outcome(prior, replayed=True)
-                stamp = self._stamp()
-                sessions = await repo.open_sessions(conn, court_id)
-                # Padel has four players; the highlight belongs to the court's earliest open session.
-                session = sessions[0] if sessions else None
-                start, duration = highlight_window(stamp.wall, session.started_at if session else None)
-                highlight_id = new_id()
-                await repo.insert_highlight(
-                    conn,
-                    highlight_id=highlight_id,
-                    court_id=court_id,
-                    session_id=session.session_id if session else None,
-                    button_id=button_id,
-                    pressed_at=stamp.wall,
-                    start_at=start,
-                    duration_ms=int(duration.total_seconds() * 1000),
-                    kind=kind,
-                )
-                await repo.append_events(
-                    conn,
-                    stamp,
-                    [
-                        NewEvent(
-                            "highlight.created",
-                            {
-                                "highlight_id": highlight_id,
-                                "court_id": court_id,
-                                "session_id": session.session_id if session else None,
-                                "session_ids": [s.session_id for s in sessions],
-                                "button_id": button_id,
-                                "kind": kind,
-                                "pressed_at": iso(stamp.wall),
-                                "start_at": iso(start),
-                                "duration_s": duration.total_seconds(),
-                                "triggered_by": "button",
-                            },
-                            session_id=session.session_id if session else None,
-                            device_id=button_id,
-                        )
-                    ],
-                    self._destinations,
-                )
-                response = {
-                    "msg_id": msg_id,
-                    "status": "ok" if session else "no_session",
+
+        async def body(conn: aiosqlite.Connection, stamp: Stamp) -> Outcome:
+            sessions = await repo.open_sessions(conn, court_id)
+            # Padel has four players; the highlight belongs to the court's earliest open session.
+            session_id = sessions[0].session_id if sessions else None
+            start, duration = highlight_window(stamp.wall, sessions[0].started_at if sessions else None)
+            highlight_id = new_id()
+            await repo.insert_highlight(
+                conn,
+                highlight_id=highlight_id,
+                court_id=court_id,
+                session_id=session_id,
+                button_id=button_id,
+                pressed_at=stamp.wall,
+                start_at=start,
+                duration_ms=int(duration.total_seconds() * 1000),
+                kind=kind,
+            )
+            created = NewEvent(
+                "highlight.created",
+                {
                     "highlight_id": highlight_id,
+                    "court_id": court_id,
+                    "session_id": session_id,
+                    "session_ids": [s.session_id for s in sessions],
+                    "button_id": button_id,
+                    "kind": kind,
+                    "pressed_at": iso(stamp.wall),
                     "start_at": iso(start),
                     "duration_s": duration.total_seconds(),
-                }
-                if msg_id is not None:
-                    await repo.remember_answer(conn, button_id, msg_id, response, stamp.wall)
-        except StoreError as exc:
-            self._metrics.store_errors.labels("highlight").inc()
-            self._once.warning("highlight_not_recorded", type(exc).__name__, error=str(exc))
-            return Outcome({"msg_id": msg_id, "status": "error", "reason": Reason.UNAVAILABLE.value})
-        self._metrics.highlights.labels(response["status"]).inc()
-        self._remember(button_id, msg_id, response)
-        return Outcome(response, courts=frozenset({court_id}))
+                    "triggered_by": "button",
+                },
+                session_id=session_id,
+                device_id=button_id,
+            )
+            await repo.append_events(conn, stamp, [created], self._destinations)
+            response = {
+                "msg_id": msg_id,
+                "status": "ok" if session_id else "no_session",
+                "highlight_id": highlight_id,
+                "start_at": iso(start),
+                "duration_s": duration.total_seconds(),
+            }
+            return Outcome(response, courts=frozenset({court_id}))
+
+        unavailable = {"msg_id": msg_id, "status": "error", "reason": Reason.UNAVAILABLE.value}
+        outcome = await self._exactly_once(button_id, msg_id, "highlight", body, unavailable)
+        if not outcome.replayed:
+            self._metrics.highlights.labels(str(outcome.response["status"])).inc()
+        return outcome
 
     # -- housekeeping ------------------------------------------------------------------------------------------
 

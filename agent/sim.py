@@ -10,7 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import aiomqtt
 
@@ -34,6 +34,13 @@ class SimDevice:
         self.reply_topic = reply_topic
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._listener: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
     async def start(self) -> None:
         await self.client.subscribe(self.reply_topic, qos=1)
@@ -137,32 +144,23 @@ async def connect(
 
 @asynccontextmanager
 async def reader(host: str, port: int, reader_id: str, password: str) -> AsyncIterator[SimReader]:
-    async with connect(host, port, reader_id, password) as client:
-        device = SimReader(client, reader_id, topics.reader_response(reader_id))
-        await device.start()
-        try:
-            yield device
-        finally:
-            await device.stop()
+    async with (
+        connect(host, port, reader_id, password) as client,
+        SimReader(client, reader_id, topics.reader_response(reader_id)) as device,
+    ):
+        yield device
 
 
 @asynccontextmanager
 async def button(host: str, port: int, button_id: str, court_id: str, password: str) -> AsyncIterator[SimButton]:
-    async with connect(host, port, button_id, password) as client:
-        device = SimButton(client, button_id, court_id)
-        await device.start()
-        try:
-            yield device
-        finally:
-            await device.stop()
+    async with connect(host, port, button_id, password) as client, SimButton(client, button_id, court_id) as device:
+        yield device
 
 
 @asynccontextmanager
 async def tablet(host: str, port: int, tablet_id: str, password: str) -> AsyncIterator[SimTablet]:
-    async with connect(host, port, tablet_id, password) as client:
-        device = SimTablet(client, tablet_id, topics.tablet_response(tablet_id))
-        await device.start()
-        try:
-            yield device
-        finally:
-            await device.stop()
+    async with (
+        connect(host, port, tablet_id, password) as client,
+        SimTablet(client, tablet_id, topics.tablet_response(tablet_id)) as device,
+    ):
+        yield device
