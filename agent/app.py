@@ -11,7 +11,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -66,8 +66,6 @@ class Agent:
         self.db: Database | None = None
         self.service: AccessService | None = None
         self.dispatcher: Dispatcher | None = None
-        self.sweep_interval = SWEEP_INTERVAL_S
-        self.on_ready: Callable[[Agent], None] | None = None
         # The agent's own broker account: a fresh random password each start, never written anywhere.
         self._agent_password = secrets.token_urlsafe(24)
 
@@ -137,12 +135,10 @@ class Agent:
             devices=len(self.config.devices),
             courts=len(self.config.courts),
         )
-        if self.on_ready is not None:
-            self.on_ready(self)
 
     async def _sweeper(self, service: AccessService, dispatcher: Dispatcher) -> None:
         while True:
-            await asyncio.sleep(self.sweep_interval)
+            await asyncio.sleep(SWEEP_INTERVAL_S)
             try:
                 changed = await service.sweep()
             except StoreError as exc:  # a full or read-only disk must not stop the door

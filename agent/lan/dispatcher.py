@@ -13,7 +13,6 @@ import contextlib
 import json
 import random
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,11 +68,7 @@ class TokenBucket:
 class Job:
     route: topics.Route
     payload: bytes
-    received: float  # perf_counter at arrival, for the latency histogram
     reply: tuple[str, bytes, bool] | None = None  # (topic, payload, retain) to publish in order, instead of deciding
-
-
-Publish = Callable[[str, dict[str, Any], bool], Awaitable[None]]
 
 
 class Dispatcher:
@@ -95,7 +90,6 @@ class Dispatcher:
         self._dirty_courts: set[str] = set()
         self._courts_changed = asyncio.Event()
         self.connected = asyncio.Event()
-        self.on_outcome: Callable[[Kind, str, Outcome, float], None] | None = None  # demo console, benchmarks
 
     # -- connection ------------------------------------------------------------------------------------------
 
@@ -245,7 +239,7 @@ class Dispatcher:
             # A stored retained command would be re-decided on every re-subscribe: never act on one, and clear it.
             self._reject(route.kind.value, "retained_command", route.device_or_court, topic)
             with contextlib.suppress(asyncio.QueueFull):
-                self._queue.put_nowait(Job(route, b"", time.perf_counter(), reply=(topic, b"", True)))
+                self._queue.put_nowait(Job(route, b"", reply=(topic, b"", True)))
             return
         now = time.perf_counter()
         key = f"{route.kind.value}:{route.device_or_court}"
@@ -253,7 +247,7 @@ class Dispatcher:
             self._rate_limited(route, raw, now)
             return
         try:
-            self._queue.put_nowait(Job(route, raw, now))
+            self._queue.put_nowait(Job(route, raw))
         except asyncio.QueueFull:
             self._reject(route.kind.value, "queue_full", route.device_or_court, "decision queue is full")
             return
@@ -269,9 +263,7 @@ class Dispatcher:
             reply = self._service.denial(Reason.RATE_LIMITED, payloads.msg_id_of(raw, self._limit))
             # Queued behind the worker rather than a task of its own: a flood cannot multiply tasks.
             with contextlib.suppress(asyncio.QueueFull):
-                self._queue.put_nowait(
-                    Job(route, b"", now, reply=(topics.reader_response(reader), _encode(reply), False))
-                )
+                self._queue.put_nowait(Job(route, b"", reply=(topics.reader_response(reader), _encode(reply), False)))
 
     def _heartbeat(self, tablet_id: str, raw: bytes) -> None:
         try:
@@ -300,22 +292,20 @@ class Dispatcher:
             return
         match route.kind:
             case Kind.SCAN:
-                await self._scan(route.device_or_court, raw, job.received)
+                await self._scan(route.device_or_court, raw)
             case Kind.BUTTON:
-                await self._button(route.device_or_court, raw, job.received)
+                await self._button(route.device_or_court, raw)
             case Kind.CHECKIN | Kind.CHECKOUT:
-                await self._tablet(route, raw, job.received)
+                await self._tablet(route, raw)
             case _:
                 raise AssertionError(route.kind)
 
-    async def _finish(self, kind: Kind, topic: str, key: str, outcome: Outcome, received: float) -> None:
+    async def _finish(self, topic: str, outcome: Outcome) -> None:
         await self._send(topic, outcome.response)
         for court_id in outcome.courts:
             self.court_changed(court_id)
-        if self.on_outcome is not None:
-            self.on_outcome(kind, key, outcome, time.perf_counter() - received)
 
-    async def _scan(self, reader_id: str, raw: bytes, received: float) -> None:
+    async def _scan(self, reader_id: str, raw: bytes) -> None:
         reply_topic = topics.reader_response(reader_id)
         try:
             scan = payloads.decode(payloads.Scan, raw, self._limit)
@@ -327,9 +317,9 @@ class Dispatcher:
             )
             return
         outcome = await self._service.scan(reader_id, scan.card_id, scan.msg_id)
-        await self._finish(Kind.SCAN, reply_topic, reader_id, outcome, received)
+        await self._finish(reply_topic, outcome)
 
-    async def _button(self, court_id: str, raw: bytes, received: float) -> None:
+    async def _button(self, court_id: str, raw: bytes) -> None:
         ack_topic = topics.button_ack(court_id)
         try:
             press = payloads.decode(payloads.ButtonPress, raw, self._limit)
@@ -355,9 +345,9 @@ class Dispatcher:
             return
         self._presence.seen(press.button_id, "button", self._clock.wall())
         outcome = await self._service.button(court_id, press.button_id, press.msg_id, press.kind)
-        await self._finish(Kind.BUTTON, ack_topic, press.button_id, outcome, received)
+        await self._finish(ack_topic, outcome)
 
-    async def _tablet(self, route: topics.Route, raw: bytes, received: float) -> None:
+    async def _tablet(self, route: topics.Route, raw: bytes) -> None:
         court_id = route.device_or_court
         model: type[payloads.TabletCheckin] | type[payloads.TabletCheckout] = (
             payloads.TabletCheckin if route.kind is Kind.CHECKIN else payloads.TabletCheckout
@@ -391,7 +381,7 @@ class Dispatcher:
             outcome = await self._service.tablet_checkout(
                 request.tablet_id, court_id, request.msg_id, session_id=request.session_id, card_id=request.card_id
             )
-        await self._finish(route.kind, topics.tablet_response(request.tablet_id), request.tablet_id, outcome, received)
+        await self._finish(topics.tablet_response(request.tablet_id), outcome)
 
     def _serves(self, tablet_id: str, court_id: str) -> bool:
         device = self._service.device(tablet_id)

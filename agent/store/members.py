@@ -173,21 +173,17 @@ def read_member_file(path: Path, fmt: Literal["auto", "csv", "json"] = "auto") -
             raise ImportFileError(
                 f"{err['msg'].removeprefix('Value error, ')} (value {err.get('input')!r})", line=line, field=field
             ) from exc
-        if record.member_id in seen_ids:
-            raise ImportFileError(
-                f"member_id '{record.member_id}' already appears on line {seen_ids[record.member_id]}",
-                line=line,
-                field="member_id",
-            )
-        seen_ids[record.member_id] = line
-        if record.member_code is not None:
-            if record.member_code in seen_codes:
+        for field, value, seen in (
+            ("member_id", record.member_id, seen_ids),
+            ("member_code", record.member_code, seen_codes),
+        ):
+            if value is None:
+                continue
+            if value in seen:
                 raise ImportFileError(
-                    f"member_code '{record.member_code}' already appears on line {seen_codes[record.member_code]}",
-                    line=line,
-                    field="member_code",
+                    f"{field} '{value}' already appears on line {seen[value]}", line=line, field=field
                 )
-            seen_codes[record.member_code] = line
+            seen[value] = line
         for card in record.cards:
             if card in seen_cards:
                 other_line, other = seen_cards[card]

@@ -7,7 +7,7 @@ import json
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time
 from typing import Any
 
 import aiosqlite
@@ -99,8 +99,6 @@ async def append_events(
 
 
 def _windows(raw: str) -> tuple[TimeWindow, ...]:
-    from datetime import time
-
     out = []
     for item in json.loads(raw):
         out.append(
