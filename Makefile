@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PKGS := python3-venv python3-pip
 
-.PHONY: all demo test lint typecheck unit bench deps system-deps clean
+.PHONY: all demo test test-embedded test-mosquitto lint typecheck unit bench deps system-deps test-deps clean
 
 all: test
 
@@ -16,6 +16,20 @@ system-deps:
 	@if ! $(PY) -c 'import ensurepip, venv' >/dev/null 2>&1; then \
 		echo "installing $(APT_PKGS)"; \
 		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS); \
+	fi
+
+# The tests run the agent against Debian's mosquitto too (started by the tests on loopback ports), and make
+# TLS certificates with openssl. The mosquitto service the package starts would hold port 1883, the embedded
+# broker's port, so a mosquitto installed here is disabled again.
+test-deps:
+	@missing=""; \
+	[ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing"; \
+		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		case "$$missing" in *mosquitto*) \
+			$(SUDO) systemctl disable --now mosquitto >/dev/null 2>&1 || true;; esac; \
 	fi
 
 $(BIN)/python: | system-deps
@@ -41,11 +55,20 @@ typecheck: deps
 unit: deps
 	$(BIN)/pytest tests/unit -q
 
-test: lint typecheck
+# The whole suite on the embedded broker, then again with every agent a client of a real mosquitto
+# (broker.mode = external); tests of the embedded broker itself are skipped in the second pass.
+test: lint typecheck test-embedded test-mosquitto
+
+test-embedded: deps test-deps
 	$(BIN)/pytest
 
-bench: deps
+test-mosquitto: deps test-deps
+	CLUB_AGENT_TEST_BROKER=mosquitto $(BIN)/pytest -q -m "not embedded_only" \
+		--ignore=tests/integration/test_broker_conformance.py --ignore=tests/unit
+
+bench: deps test-deps
 	$(BIN)/python benchmarks/tap_latency.py
+	$(BIN)/python benchmarks/broker.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build *.egg-info

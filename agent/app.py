@@ -1,7 +1,8 @@
 """Composition root: builds every part and runs them in one TaskGroup until cancelled.
 
-devices ──MQTT──▶ EmbeddedBroker ──▶ Dispatcher ──▶ AccessService ──▶ Database (decision + events)
-                               ◀── replies, court state ◀──┘
+devices ──MQTT──▶ EmbeddedBroker (or the site's mosquitto) ──▶ Dispatcher ──▶ AccessService ──▶ Database
+                  │ connects, disconnects                 ◀── replies, court state, presence ◀──┘
+                  └──────────────▶ Presence ──▶ retained agent/presence/{device}
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ import contextlib
 import ctypes
 import ctypes.util
 import secrets
+import ssl
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 
 from .access import AccessService
 from .clock import Clock, SystemClock, TrustedClock, boot_id
 from .config import AGENT_USERNAME, Config
-from .errors import StoreError
+from .errors import ConfigError, StoreError
 from .lan.auth import DeviceDirectory
 from .lan.broker import EmbeddedBroker
 from .lan.dispatcher import Dispatcher
@@ -51,6 +54,26 @@ def limit_malloc_growth() -> None:
         pass
 
 
+class BrokerEvents:
+    """What the embedded broker tells the rest of the agent: presence and rejections."""
+
+    def __init__(self, presence: Presence, metrics: Metrics, clock: Clock) -> None:
+        self._presence = presence
+        self._metrics = metrics
+        self._clock = clock
+
+    def client_connected(self, session: Any) -> None:
+        if session.username:
+            self._presence.connected(session.username, self._clock.wall())
+
+    def client_disconnected(self, session: Any, how: str) -> None:
+        if session.username:
+            self._presence.disconnected(session.username, how, self._clock.wall())
+
+    def rejected(self, reason: str, client: str) -> None:
+        self._metrics.rejected.labels("mqtt", reason).inc()
+
+
 class Agent:
     """`await Agent(config).run()` serves until cancelled; `ready` is set once devices can be answered."""
 
@@ -58,46 +81,71 @@ class Agent:
         self.config = config
         self.clock = clock or (TrustedClock() if config.agent.trust_clock else SystemClock())
         self.metrics = Metrics()
-        self.presence = Presence()
+        self.presence = Presence(config.devices)
         self.ready = asyncio.Event()
+        self.broker: EmbeddedBroker | None = None
         self.broker_port: int | None = None
         self.ws_port: int | None = None
         self.api_port: int | None = None
         self.db: Database | None = None
         self.service: AccessService | None = None
         self.dispatcher: Dispatcher | None = None
-        # The agent's own broker account: a fresh random password each start, never written anywhere.
+        # The agent's own account on the embedded broker: a fresh random password each start, never written.
         self._agent_password = secrets.token_urlsafe(24)
 
     async def run(self) -> None:
         cfg = self.config
-        directory = DeviceDirectory(
-            cfg.devices,
-            agent_password=self._agent_password,
-            allow_anonymous=cfg.broker.allow_anonymous,
-            on_denied=lambda action, user: self.metrics.rejected.labels(f"acl_{action}", "denied").inc(),
-        )
         limit_malloc_growth()
         async with contextlib.AsyncExitStack() as stack:
-            stack.callback(directory.close)
             db = await stack.enter_async_context(Database(cfg.db_path))
-            broker = await stack.enter_async_context(EmbeddedBroker(cfg.broker, directory))
+            if cfg.broker.mode == "external":
+                await self._serve(db, None)
+                return
+            directory = DeviceDirectory(
+                cfg.devices,
+                agent_password=self._agent_password,
+                allow_anonymous=cfg.broker.allow_anonymous,
+                on_denied=lambda action, user: self.metrics.rejected.labels(f"acl_{action}", "denied").inc(),
+            )
+            stack.callback(directory.close)
+            state_path = cfg.agent.data_dir / "broker.db" if cfg.broker.persist else None
+            events = BrokerEvents(self.presence, self.metrics, self.clock)
+            broker = await stack.enter_async_context(EmbeddedBroker(cfg.broker, directory, state_path, events))
             await self._serve(db, broker)
 
-    async def _serve(self, db: Database, broker: EmbeddedBroker) -> None:
+    def _broker_login(self) -> tuple[str, int, str, ssl.SSLContext | None]:
+        """Where the agent's own MQTT client connects: its embedded broker, or the site's."""
+        b = self.config.broker
+        if b.mode == "embedded":
+            return "127.0.0.1", self.broker_port or 0, self._agent_password, None
+        password = self.config.secrets.broker_password
+        if password is None:
+            raise ConfigError(
+                "broker.mode is external: the secrets file needs broker_password (the agent's account there)",
+                key="secrets.broker_password",
+            )
+        tls = None
+        if b.external_tls:
+            tls = ssl.create_default_context(cafile=str(b.external_ca) if b.external_ca else None)
+        return b.external_host, b.external_port, password.get_secret_value(), tls
+
+    async def _serve(self, db: Database, broker: EmbeddedBroker | None) -> None:
         cfg = self.config
-        self.db = db
-        self.broker_port, self.ws_port = broker.port, broker.ws_port
+        self.db, self.broker = db, broker
+        if broker is not None:
+            self.broker_port, self.ws_port = broker.port, broker.ws_port
+        host, port, password, tls = self._broker_login()
         service = AccessService(db, cfg, self.clock, boot_id(), self.metrics)
         await service.start()
         count = await db.fetchone("SELECT members FROM member_list WHERE id = 1")
         self.metrics.members_cached.set(count[0] if count else 0)
         dispatcher = Dispatcher(service, cfg, self.metrics, self.presence, self.clock)
+        self.presence.on_change = dispatcher.presence_changed
         self.service, self.dispatcher = service, dispatcher
-        runner = await self._start_web(broker, db)
+        runner = await self._start_web(db)
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(dispatcher.run("127.0.0.1", broker.port, AGENT_USERNAME, self._agent_password))
+                tg.create_task(dispatcher.run(host, port, AGENT_USERNAME, password, tls))
                 tg.create_task(self._sweeper(service, dispatcher))
                 tg.create_task(self._announce_ready(dispatcher))
         finally:
@@ -106,15 +154,15 @@ class Agent:
                 await runner.cleanup()
             log.info("agent_stopped")
 
-    async def _start_web(self, broker: EmbeddedBroker, db: Database) -> web.AppRunner | None:
+    async def _start_web(self, db: Database) -> web.AppRunner | None:
         if not self.config.api.enabled:
             return None
 
         def readiness() -> dict[str, bool]:
-            return {
-                "broker": broker.client_count > 0,
-                "agent_mqtt": bool(self.dispatcher and self.dispatcher.connected.is_set()),
-            }
+            checks = {"agent_mqtt": bool(self.dispatcher and self.dispatcher.connected.is_set())}
+            if self.broker is not None:
+                checks["broker"] = self.broker.client_count > 0
+            return checks
 
         runner = web.AppRunner(make_app(self.metrics, readiness), access_log=None)
         await runner.setup()
@@ -130,6 +178,7 @@ class Agent:
         self.ready.set()
         log.info(
             "agent_ready",
+            broker=self.config.broker.mode,
             broker_port=self.broker_port,
             api_port=self.api_port,
             devices=len(self.config.devices),
@@ -139,6 +188,7 @@ class Agent:
     async def _sweeper(self, service: AccessService, dispatcher: Dispatcher) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
+            self.presence.sweep(self.clock.wall())
             try:
                 changed = await service.sweep()
             except StoreError as exc:  # a full or read-only disk must not stop the door

@@ -1,4 +1,5 @@
-"""`club-agent`: run, demo, config check, members import/show, devices hash-password, store recover.
+"""`club-agent`: run, demo, config check, members import/show, devices hash-password, broker export-mosquitto,
+store recover.
 
 Exit codes: 0 ok, 2 usage or configuration error, 1 runtime failure. Errors are one clear line; `--debug`
 shows the traceback.
@@ -39,10 +40,12 @@ config_app = typer.Typer(no_args_is_help=True, help="Check configuration files."
 members_app = typer.Typer(no_args_is_help=True, help="The local member cache.")
 devices_app = typer.Typer(no_args_is_help=True, help="Device credentials.")
 store_app = typer.Typer(no_args_is_help=True, help="The SQLite store.")
+broker_app = typer.Typer(no_args_is_help=True, help="The MQTT broker.")
 app.add_typer(config_app, name="config")
 app.add_typer(members_app, name="members")
 app.add_typer(devices_app, name="devices")
 app.add_typer(store_app, name="store")
+app.add_typer(broker_app, name="broker")
 
 # soft_wrap: a hash or a path piped to a file must stay on one line, whatever the terminal width.
 out = Console(soft_wrap=True)
@@ -211,9 +214,19 @@ def members_show(
 @devices_app.command("hash-password")
 def devices_hash_password(
     generate: Annotated[bool, typer.Option(help="Generate a random password and print it with its hash.")] = False,
+    scheme: Annotated[
+        str,
+        typer.Option(
+            help="argon2 (embedded broker only) or pbkdf2 (mosquitto's format: works with both brokers; "
+            "needed for broker.mode = external).",
+        ),
+    ] = "argon2",
 ) -> None:
-    """Print the argon2 hash to put in a device's password_hash."""
+    """Print the hash to put in a device's password_hash."""
     from .lan.auth import hash_password
+
+    if scheme not in ("argon2", "pbkdf2"):
+        raise typer.BadParameter("expected argon2 or pbkdf2", param_hint="--scheme")
 
     if generate:
         password = secrets.token_urlsafe(18)
@@ -222,7 +235,25 @@ def devices_hash_password(
         password = getpass.getpass("device password: ") if sys.stdin.isatty() else sys.stdin.readline().strip()
         if len(password) < 12:
             raise typer.BadParameter("use at least 12 characters (or --generate)", param_hint="password")
-    out.print(f'password_hash = "{hash_password(password)}"')
+    out.print(f'password_hash = "{hash_password(password, "pbkdf2" if scheme == "pbkdf2" else "argon2")}"')
+
+
+@broker_app.command("export-mosquitto")
+def broker_export_mosquitto(
+    directory: Annotated[Path, typer.Argument(help="Where to write club-agent.conf, passwd and acl.")],
+    config: ConfigOpt = DEFAULT_CONFIG_PATH,
+) -> None:
+    """Write mosquitto's config, password and access files from the agent's devices (broker.mode = external)."""
+    from .lan.mosquitto import export_mosquitto
+
+    files = export_mosquitto(_load(config), directory)
+    for path in (files.conf, files.passwd, files.acl):
+        out.print(f"wrote {path}", markup=False)
+    out.print(
+        f"next: sudo ln -sf {files.conf.resolve()} /etc/mosquitto/conf.d/club-agent.conf && "
+        f"sudo chgrp mosquitto {files.passwd.resolve()} && sudo systemctl restart mosquitto",
+        markup=False,
+    )
 
 
 @store_app.command("recover")

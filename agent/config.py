@@ -127,12 +127,33 @@ class AgentSection(_Model):
 
 
 class BrokerSection(_Model):
-    mode: Literal["embedded"] = "embedded"
+    # embedded: the agent runs its own broker; external: the agent is a client of a broker the site runs
+    # (Debian's mosquitto, configured from `club-agent broker export-mosquitto`).
+    mode: Literal["embedded", "external"] = "embedded"
     host: str = "0.0.0.0"  # noqa: S104 - the broker serves the premises LAN by design
     port: int = Field(default=1883, ge=0, le=65535)
     ws_port: int = Field(default=0, ge=0, le=65535)  # 0: no websocket listener
+    tls_port: int = Field(default=0, ge=0, le=65535)  # 0: no TLS listener
+    tls_cert: Path | None = None  # PEM certificate chain for the TLS listener
+    tls_key: Path | None = None  # PEM private key for the TLS listener
     allow_anonymous: bool = False
     max_payload_bytes: int = Field(default=4096, ge=256, le=262144)
+    max_packet_bytes: int = Field(default=65536, ge=1024, le=268435455)
+    max_queued_messages: int = Field(default=1000, ge=1, le=1_000_000)  # per offline persistent session
+    persist: bool = True  # retained messages and persistent sessions survive a restart (data_dir/broker.db)
+    # external mode: where the site's broker listens; the agent logs in as "agent" with secrets' broker_password
+    external_host: str = "127.0.0.1"
+    external_port: int = Field(default=1883, ge=1, le=65535)
+    external_tls: bool = False
+    external_ca: Path | None = None  # CA bundle to verify the external broker's certificate; None: system CAs
+
+    @model_validator(mode="after")
+    def _tls(self) -> BrokerSection:
+        if self.tls_port and (self.tls_cert is None or self.tls_key is None):
+            raise KeyedError(
+                "broker.tls_cert", "broker.tls_port is set: broker.tls_cert and broker.tls_key are required"
+            )
+        return self
 
 
 class ApiSection(_Model):
@@ -163,13 +184,18 @@ class CourtConfig(_Model):
     max_session_minutes: int | None = Field(default=None, ge=1, le=24 * 60)
 
 
+_MOSQUITTO_HASH = re.compile(r"\$7\$\d{1,7}\$[A-Za-z0-9+/=]{4,}\$[A-Za-z0-9+/=]{64,}")
+
+
 def _check_hash(value: str | None) -> str | None:
-    if value is None:
-        return None
+    if value is None or _MOSQUITTO_HASH.fullmatch(value):
+        return value  # mosquitto's PBKDF2 format: for sites that run mosquitto (broker.mode = "external")
     try:
         argon2.extract_parameters(value)
     except argon2.exceptions.InvalidHashError as exc:
-        raise ValueError("expected an argon2 hash ('club-agent devices hash-password' makes one)") from exc
+        raise ValueError(
+            "expected an argon2 hash, or mosquitto's $7$ PBKDF2 hash ('club-agent devices hash-password' makes either)"
+        ) from exc
     return value
 
 
@@ -218,6 +244,7 @@ class Secrets(_Model):
     cloud_client_secret: SecretStr | None = None
     cloud_signing_secret: SecretStr | None = None
     api_tokens: dict[str, SecretStr] = Field(default_factory=dict)
+    broker_password: SecretStr | None = None  # the agent's account on an external broker
 
 
 class Config(_Model):

@@ -1,15 +1,22 @@
 """Shared fixtures: a real agent with its embedded broker on an ephemeral loopback port, a SQLite store in
-tmp_path seeded with a handful of members, and a manual clock the tests move by hand."""
+tmp_path seeded with a handful of members, and a manual clock the tests move by hand.
+
+With CLUB_AGENT_TEST_BROKER=mosquitto every agent runs in external mode instead: each test starts Debian's
+mosquitto on loopback, configured by the agent's own `export-mosquitto`, and the agent connects to it as a
+client (`make test` runs the suite both ways). Tests of the embedded broker itself are marked embedded_only.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiomqtt
 import pytest
@@ -20,6 +27,7 @@ from agent.clock import ManualClock
 from agent.config import Config, parse_config
 from agent.lan import topics
 from agent.lan.auth import hash_password
+from agent.lan.mosquitto import export_mosquitto
 from agent.store.db import Database
 from agent.store.members import MemberRecord, apply_members
 
@@ -37,6 +45,20 @@ DEVICES: list[dict[str, Any]] = [
 ]
 PASSWORDS = {d["id"]: f"pw-{d['id']}-0123456789" for d in DEVICES}
 _HASHES: dict[str, str] = {}
+
+BROKER = os.environ.get("CLUB_AGENT_TEST_BROKER", "embedded")
+if BROKER not in ("embedded", "mosquitto"):
+    raise RuntimeError(f"CLUB_AGENT_TEST_BROKER={BROKER!r}: expected embedded or mosquitto")
+AGENT_BROKER_PASSWORD = "agent-on-mosquitto-0123456789"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if BROKER == "mosquitto":
+        skip = pytest.mark.skip(reason="tests the embedded broker; this run uses mosquitto")
+        for item in items:
+            if "embedded_only" in item.keywords:
+                item.add_marker(skip)
+
 
 ANA = "04A1B2C3D4"  # active, 2 credits, code 1001
 BRUNO = "04B0B0B0B0"  # active, no credit plan
@@ -67,7 +89,9 @@ def members() -> list[MemberRecord]:
 
 def make_config(data_dir: Path, **overrides: Any) -> Config:
     if not _HASHES:
-        _HASHES.update({k: hash_password(v) for k, v in PASSWORDS.items()})
+        # mosquitto checks only its own PBKDF2 format; the embedded broker takes both, argon2 by default
+        scheme: Literal["argon2", "pbkdf2"] = "pbkdf2" if BROKER == "mosquitto" else "argon2"
+        _HASHES.update({k: hash_password(v, scheme) for k, v in PASSWORDS.items()})
     raw: dict[str, Any] = {
         "agent": {
             "club_id": "club-test",
@@ -115,7 +139,14 @@ class Premises:
     host: str = "127.0.0.1"
 
     @property
+    def embedded(self) -> bool:
+        """The agent runs its own broker (so broker-side refusals are counted in its metrics)."""
+        return self.config.broker.mode == "embedded"
+
+    @property
     def port(self) -> int:
+        if self.config.broker.mode == "external":
+            return self.config.broker.external_port
         assert self.agent.broker_port is not None
         return self.agent.broker_port
 
@@ -163,7 +194,11 @@ async def premises_factory(tmp_path: Path) -> AsyncIterator[PremisesFactory]:
         **overrides: Any,
     ) -> Premises:
         data_dir = tmp_path / f"agent{len(stack)}"
+        if BROKER == "mosquitto":
+            overrides = _external(data_dir, overrides)
         config = make_config(data_dir, **overrides)
+        if BROKER == "mosquitto":
+            stack.append(await site_mosquitto(config, data_dir / "mosquitto"))
         await seed(config, records, synced_at)
         clock = clock or ManualClock(T0)
         agent = Agent(config, clock=clock)
@@ -175,6 +210,35 @@ async def premises_factory(tmp_path: Path) -> AsyncIterator[PremisesFactory]:
     yield start
     for ctx in reversed(stack):
         await ctx.__aexit__(None, None, None)
+
+
+def _external(data_dir: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Overrides that put an agent in external mode, with its broker password in a secrets file."""
+    from tests.brokers import free_port
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secrets = data_dir / "secrets.toml"
+    secrets.write_text(f'broker_password = "{AGENT_BROKER_PASSWORD}"\n')
+    secrets.chmod(0o600)
+    broker = {**overrides.get("broker", {}), "mode": "external", "external_port": free_port()}
+    agent = {**overrides.get("agent", {}), "secrets_file": str(secrets)}
+    return {**overrides, "broker": broker, "agent": agent}
+
+
+async def site_mosquitto(config: Config, directory: Path) -> Any:
+    """Start mosquitto on exactly the files `club-agent broker export-mosquitto` writes for `config`."""
+    from tests.brokers import Mosquitto  # tests.brokers imports this module
+
+    conf = export_mosquitto(config, directory).conf
+
+    class ExportedMosquitto(Mosquitto):
+        def config_text(self) -> str:
+            # as root, mosquitto would drop to user 'mosquitto' and could not read tmp_path
+            return conf.read_text() + f"user {getpass.getuser()}\nlog_dest stderr\nlog_type all\n"
+
+    site = ExportedMosquitto(directory, port=config.broker.external_port, websockets=False, persistence=False)
+    await site.__aenter__()
+    return site
 
 
 @pytest.fixture

@@ -2,12 +2,14 @@
 
 The access list is generated from the configured devices, so a reader can only ever speak for itself:
 
-| kind    | may publish                                              | may subscribe                           |
-|---------|----------------------------------------------------------|-----------------------------------------|
-| reader  | rfid/{id}/scan, rfid/{id}/status                         | rfid/{id}/response, agent/status        |
-| button  | court/{court}/button/pressed, button/{id}/status         | court/{court}/button/ack, agent/status  |
-| tablet  | tablet/{id}/status, court/{c}/checkin, court/{c}/checkout | tablet/{id}/#, court/{c}/#, agent/status |
-| display | display/{id}/status                                      | court/{c}/#, agent/status               |
+| kind    | may publish                                               | may subscribe                           |
+|---------|-----------------------------------------------------------|-----------------------------------------|
+| reader  | rfid/{id}/scan, rfid/{id}/status                          | rfid/{id}/response, agent/status        |
+| button  | court/{court}/button/pressed, button/{id}/status          | court/{court}/button/ack, agent/status  |
+| tablet  | tablet/{id}/status, court/{c}/checkin, court/{c}/checkout | tablet/{id}/#, court/{c}/#, agent/status, |
+|         |                                                           | agent/presence/#                        |
+| display | display/{id}/status                                       | court/{c}/#, agent/status,              |
+|         |                                                           | agent/presence/#                        |
 
 `{c}` is each court the tablet or display serves (`+` when it serves them all).
 """
@@ -15,20 +17,23 @@ The access list is generated from the configured devices, so a reader can only e
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
+import re
+import secrets
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Literal
 
 import argon2
-from amqtt.contexts import Action
-from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 
 from ..config import AGENT_USERNAME, DeviceConfig
 from ..logs import OnceLogger, get_logger
-from .topics import AGENT_STATUS, covers, matches
+from .topics import AGENT_STATUS, PRESENCE_PREFIX, covers, matches
+
+PRESENCE = f"{PRESENCE_PREFIX}/#"
 
 log = get_logger("agent.lan.auth")
 
@@ -37,8 +42,37 @@ log = get_logger("agent.lan.auth")
 HASHER = argon2.PasswordHasher(time_cost=2, memory_cost=19456, parallelism=1)
 
 
-def hash_password(password: str) -> str:
+# mosquitto's password-file format, PBKDF2-HMAC-SHA512 `$7$<iterations>$<salt>$<hash>`: what a device needs when
+# the site runs mosquitto (broker.mode = "external"), and what the embedded broker checks as well. Device
+# passwords are random tokens, so the iteration count only has to make a stolen file useless; mosquitto checks
+# passwords on its one thread, so each check must stay a few milliseconds on a Pi.
+PBKDF2_ITERATIONS = 10_000
+_PBKDF2 = re.compile(r"\$7\$(\d{1,7})\$([A-Za-z0-9+/=]{4,})\$([A-Za-z0-9+/=]{64,})")
+
+
+def hash_password(password: str, scheme: Literal["argon2", "pbkdf2"] = "argon2") -> str:
+    if scheme == "pbkdf2":
+        salt = secrets.token_bytes(12)
+        digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, PBKDF2_ITERATIONS)
+        return f"$7${PBKDF2_ITERATIONS}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
     return HASHER.hash(password)
+
+
+def is_pbkdf2_hash(value: str) -> bool:
+    return _PBKDF2.fullmatch(value) is not None
+
+
+def verify_password(stored: str, password: str) -> bool:
+    """Check a password against an argon2 or a mosquitto PBKDF2 hash (slow by design: call off the loop)."""
+    m = _PBKDF2.fullmatch(stored)
+    if m is not None:
+        iterations, salt, expected = int(m[1]), base64.b64decode(m[2]), base64.b64decode(m[3])
+        digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations)
+        return hmac.compare_digest(digest, expected)
+    try:
+        return bool(HASHER.verify(stored, password))
+    except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +93,8 @@ def rules_for(device: DeviceConfig) -> Rules:
         publish = [f"tablet/{i}/status"]
         for c in courts:
             publish += [f"court/{c}/checkin", f"court/{c}/checkout"]
-        return Rules(tuple(publish), (f"tablet/{i}/#", *(f"court/{c}/#" for c in courts), AGENT_STATUS))
-    return Rules((f"display/{i}/status",), (*(f"court/{c}/#" for c in courts), AGENT_STATUS))
+        return Rules(tuple(publish), (f"tablet/{i}/#", *(f"court/{c}/#" for c in courts), AGENT_STATUS, PRESENCE))
+    return Rules((f"display/{i}/status",), (*(f"court/{c}/#" for c in courts), AGENT_STATUS, PRESENCE))
 
 
 EVERYTHING = Rules(("#",), ("#",))
@@ -115,11 +149,7 @@ class DeviceDirectory:
             return hmac.compare_digest(known, digest)
         # One verify at a time (a single thread): each costs 19 MiB and ~30 ms of a Pi core; a reconnect storm
         # after a Wi-Fi outage is then served from the verified cache above after each device's first connect.
-        ok: bool
-        try:
-            ok = await asyncio.get_running_loop().run_in_executor(self._verifier, HASHER.verify, stored, password)
-        except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
-            ok = False
+        ok = await asyncio.get_running_loop().run_in_executor(self._verifier, verify_password, stored, password)
         if ok:
             self._verified[username] = digest
         return bool(ok)
@@ -155,47 +185,12 @@ class DeviceDirectory:
             self._denied("publish", username, topic)
         return ok
 
-    def may_subscribe(self, username: str | None, topic_filter: str) -> bool:
+    def allows_subscribe(self, username: str | None, topic_filter: str) -> bool:
         rules = self.rules(username)
-        ok = rules is not None and any(covers(allowed, topic_filter) for allowed in rules.subscribe)
+        return rules is not None and any(covers(allowed, topic_filter) for allowed in rules.subscribe)
+
+    def may_subscribe(self, username: str | None, topic_filter: str) -> bool:
+        ok = self.allows_subscribe(username, topic_filter)
         if not ok:
             self._denied("subscribe", username, topic_filter)
         return ok
-
-
-class DeviceAuthPlugin(BaseAuthPlugin):  # type: ignore[misc]  # amqtt ships no type information
-    """amqtt authentication against the DeviceDirectory given in the plugin config."""
-
-    @dataclass
-    class Config:
-        directory: Any = None
-
-    async def authenticate(self, *, session: Any) -> bool | None:
-        directory: DeviceDirectory = self.config.directory
-        ok = await directory.authenticate(
-            session.username, session.password, session.client_id, session.will_topic if session.will_flag else None
-        )
-        if ok and session.username is None:
-            session.is_anonymous = True
-        return ok
-
-
-class DeviceAclPlugin(BaseTopicPlugin):  # type: ignore[misc]
-    """amqtt topic filtering: publish and subscribe against the DeviceDirectory's rules."""
-
-    @dataclass
-    class Config:
-        directory: Any = None
-
-    async def topic_filtering(
-        self, *, session: Any = None, topic: str | None = None, action: Action | None = None
-    ) -> bool | None:
-        directory: DeviceDirectory = self.config.directory
-        if topic is None or session is None:
-            return False
-        if action == Action.RECEIVE:
-            return True  # what a client receives was checked when it subscribed
-        username = session.username
-        if action == Action.PUBLISH:
-            return directory.may_publish(username, topic)
-        return directory.may_subscribe(username, topic)

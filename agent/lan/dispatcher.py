@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import random
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,7 @@ from ..logs import OnceLogger, get_logger
 from ..metrics import Metrics
 from ..store.repo import iso
 from . import payloads, topics
-from .presence import Presence
+from .presence import DeviceState, Presence
 from .topics import Kind
 
 log = get_logger("agent.lan.dispatcher")
@@ -88,6 +89,7 @@ class Dispatcher:
         self._client: aiomqtt.Client | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
         self._dirty_courts: set[str] = set()
+        self._dirty_presence: dict[str, DeviceState] = {}
         self._courts_changed = asyncio.Event()
         self.connected = asyncio.Event()
 
@@ -103,7 +105,7 @@ class Dispatcher:
             }
         ).encode()
 
-    async def run(self, host: str, port: int, username: str, password: str) -> None:
+    async def run(self, host: str, port: int, username: str, password: str, tls: ssl.SSLContext | None = None) -> None:
         """Connect, serve, reconnect with capped jittered backoff; returns only by cancellation."""
         backoff = BACKOFF_MIN_S
         will = aiomqtt.Will(topics.AGENT_STATUS, self._status("offline"), qos=1, retain=True)
@@ -121,6 +123,7 @@ class Dispatcher:
                     timeout=CONNECT_TIMEOUT_S,
                     max_queued_incoming_messages=QUEUE_LIMIT * 4,
                     socket_options=topics.NODELAY,
+                    tls_context=tls,
                 ) as client:
                     self._client = client
                     await self._serve(client)
@@ -146,6 +149,8 @@ class Dispatcher:
         await self.subscribe_all()
         for court_id in self._service.courts:
             await self.publish_court(court_id)
+        for state in self._presence.snapshot():
+            await self.publish(topics.presence(state.device_id), state.to_json(), retain=True)
         self.connected.set()
         self._metrics.mqtt_connected.set(1)
         log.info("mqtt_ready", subscriptions=len(topics.SUBSCRIPTIONS))
@@ -196,14 +201,22 @@ class Dispatcher:
         self._dirty_courts.add(court_id)
         self._courts_changed.set()
 
+    def presence_changed(self, state: DeviceState) -> None:
+        """Schedule the retained agent/presence/{device} update, coalesced like the court screens."""
+        self._dirty_presence[state.device_id] = state
+        self._courts_changed.set()
+
     async def _court_publisher(self) -> None:
         while True:
             await self._courts_changed.wait()
             await asyncio.sleep(COURT_STATE_COALESCE_S)
             self._courts_changed.clear()
             dirty, self._dirty_courts = self._dirty_courts, set()
+            devices, self._dirty_presence = self._dirty_presence, {}
             for court_id in sorted(dirty):
                 await self.publish_court(court_id)
+            for device_id, state in sorted(devices.items()):
+                await self.publish(topics.presence(device_id), state.to_json(), retain=True)
 
     async def _send(self, topic: str, payload: dict[str, Any]) -> None:
         """Hand a reply to the client without waiting for its PUBACK, so the worker can decide the next tap.
@@ -232,8 +245,8 @@ class Dispatcher:
             return
         raw = message.payload if isinstance(message.payload, bytes | bytearray) else str(message.payload).encode()
         raw = bytes(raw)
-        if route.kind is Kind.TABLET_STATUS:
-            self._heartbeat(route.device_or_court, raw)
+        if route.kind is Kind.STATUS:
+            self._device_status(route, raw)
             return
         if message.retain:
             # A stored retained command would be re-decided on every re-subscribe: never act on one, and clear it.
@@ -265,15 +278,31 @@ class Dispatcher:
             with contextlib.suppress(asyncio.QueueFull):
                 self._queue.put_nowait(Job(route, b"", reply=(topics.reader_response(reader), _encode(reply), False)))
 
-    def _heartbeat(self, tablet_id: str, raw: bytes) -> None:
-        try:
-            status = payloads.decode(payloads.TabletStatus, raw, self._limit)
-        except PayloadError as exc:
-            self._reject("tablet_status", exc.reason, tablet_id, exc.detail)
+    def _device_status(self, route: topics.Route, raw: bytes) -> None:
+        device_id = route.device_or_court
+        device = self._service.device(device_id)
+        if device is None:
+            self._reject("status", "unknown_device", device_id, "not a configured device")
             return
-        self._metrics.heartbeats.labels("tablet").inc()
+        if not raw:
+            return  # a retained status being cleared
+        try:
+            status = payloads.decode_status(raw, self._limit)
+        except PayloadError as exc:
+            self._reject("status", exc.reason, device_id, exc.detail)
+            return
+        now = self._clock.wall()
+        if status.state == "offline":
+            self._presence.said_offline(device_id, now)
+            return
+        self._metrics.heartbeats.labels(device.kind).inc()
         self._presence.seen(
-            tablet_id, "tablet", self._clock.wall(), battery=status.battery, app_version=status.app_version
+            device_id,
+            now,
+            how="heartbeat",
+            battery=status.battery,
+            app_version=status.app_version,
+            charging=status.charging,
         )
 
     async def _worker(self) -> None:
@@ -316,6 +345,7 @@ class Dispatcher:
                 reply_topic, self._service.denial(Reason.INVALID_REQUEST, payloads.msg_id_of(raw, self._limit))
             )
             return
+        self._presence.seen(reader_id, self._clock.wall())
         outcome = await self._service.scan(reader_id, scan.card_id, scan.msg_id)
         await self._finish(reply_topic, outcome)
 
@@ -343,7 +373,7 @@ class Dispatcher:
                 {"msg_id": press.msg_id, "status": "invalid", "reason": "unknown_button", "button_id": press.button_id},
             )
             return
-        self._presence.seen(press.button_id, "button", self._clock.wall())
+        self._presence.seen(press.button_id, self._clock.wall())
         outcome = await self._service.button(court_id, press.button_id, press.msg_id, press.kind)
         await self._finish(ack_topic, outcome)
 

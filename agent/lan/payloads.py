@@ -91,10 +91,28 @@ class TabletCheckout(_Payload):
         return self
 
 
-class TabletStatus(_Payload):
+class DeviceStatus(_Payload):
+    """`{kind}/{id}/status`: a heartbeat, a retained birth, or a will. `state` defaults to online."""
+
+    state: Literal["online", "offline"] = "online"
     battery: int | None = Field(default=None, ge=0, le=100)
     app_version: str | None = Field(default=None, max_length=MAX_ID)
     charging: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _status_alias(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "state" not in data and isinstance(data.get("status"), str):
+            return {**data, "state": data["status"]}
+        return data
+
+
+def decode_status(raw: bytes, limit: int = MAX_PAYLOAD) -> DeviceStatus:
+    """JSON, or the bare words `online` / `offline` that many firmwares put in their birth and will."""
+    word = raw.strip().lower()
+    if word in (b"online", b"offline"):
+        return DeviceStatus(state=word.decode())
+    return decode(DeviceStatus, raw, limit)
 
 
 P = TypeVar("P", bound=_Payload)

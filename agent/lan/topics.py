@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 AGENT_STATUS = "agent/status"
+PRESENCE_PREFIX = "agent/presence"  # retained agent/presence/{device_id}, one per configured device
 
 # paho (under aiomqtt) leaves Nagle on: a reply then waits for the peer's delayed ACK, ~40 ms on Linux.
 NODELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
@@ -17,8 +18,13 @@ SUBSCRIPTIONS = (
     "court/+/button/pressed",
     "court/+/checkin",
     "court/+/checkout",
+    "rfid/+/status",
+    "button/+/status",
     "tablet/+/status",
+    "display/+/status",
 )
+# The first topic level of each device kind's status topic (heartbeats, births and wills).
+STATUS_PREFIXES = ("rfid", "button", "tablet", "display")
 
 
 class Kind(StrEnum):
@@ -26,7 +32,7 @@ class Kind(StrEnum):
     BUTTON = "button"
     CHECKIN = "checkin"
     CHECKOUT = "checkout"
-    TABLET_STATUS = "tablet_status"
+    STATUS = "status"  # a device's heartbeat, birth or will
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +53,8 @@ def route(topic: str) -> Route | None:
             return Route(Kind.CHECKIN, court)
         case ["court", court, "checkout"] if court:
             return Route(Kind.CHECKOUT, court)
-        case ["tablet", tablet, "status"] if tablet:
-            return Route(Kind.TABLET_STATUS, tablet)
+        case [prefix, device, "status"] if device and prefix in STATUS_PREFIXES:
+            return Route(Kind.STATUS, device)
     return None
 
 
@@ -66,6 +72,10 @@ def court_state(court_id: str) -> str:
 
 def tablet_response(tablet_id: str) -> str:
     return f"tablet/{tablet_id}/response"
+
+
+def presence(device_id: str) -> str:
+    return f"{PRESENCE_PREFIX}/{device_id}"
 
 
 def matches(topic: str, topic_filter: str) -> bool:

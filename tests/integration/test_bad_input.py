@@ -88,7 +88,8 @@ async def test_a_reader_cannot_speak_for_another_reader(premises: Premises) -> N
         await r2.tap("0102030405")
     assert await premises.rows("SELECT COUNT(*) FROM sessions") == [(0,)]
     assert await premises.rows("SELECT COUNT(*) FROM highlights") == [(0,)]
-    assert premises.metric("messages_rejected_total", kind="acl_publish", reason="denied") == 2
+    if premises.embedded:  # mosquitto's refusals are in mosquitto's log
+        assert premises.metric("messages_rejected_total", kind="acl_publish", reason="denied") == 2
 
 
 async def test_unknown_button_and_bad_press_get_an_invalid_ack(premises: Premises) -> None:

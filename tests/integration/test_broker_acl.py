@@ -10,6 +10,9 @@ import pytest
 from agent.lan import topics
 from tests.conftest import PASSWORDS, Premises
 
+# The embedded broker's own access control; mosquitto's (from export-mosquitto) is in test_mosquitto_export.
+pytestmark = pytest.mark.embedded_only
+
 
 def _granted(result: object) -> list[int]:
     """aiomqtt returns paho reason codes (MQTT 3.1.1: granted QoS, or 128 for failure)."""

@@ -163,7 +163,8 @@ async def test_tablet_cannot_act_on_a_court_it_does_not_serve(premises: Premises
         with pytest.raises(TimeoutError):
             await tablet.checkin("c2", member_code="1002", reply_within=1.0)
     assert await premises.rows("SELECT COUNT(*) FROM sessions") == [(0,)]
-    assert premises.metric("messages_rejected_total", kind="acl_publish", reason="denied") >= 1
+    if premises.embedded:  # mosquitto's refusals are in mosquitto's log
+        assert premises.metric("messages_rejected_total", kind="acl_publish", reason="denied") >= 1
 
 
 async def test_button_press_creates_a_highlight_with_the_reference_window(premises: Premises) -> None:
@@ -200,12 +201,13 @@ async def test_court_state_counts_highlights_of_the_current_occupation(premises:
 async def test_tablet_heartbeat_updates_presence(premises: Premises) -> None:
     async with premises.tablet("t1") as tablet:
         await tablet.heartbeat(battery=41, app_version="2.3.0")
+        seen = premises.agent.presence.get("t1")
+        assert seen is not None
         for _ in range(50):
-            seen = premises.agent.presence.get("t1")
-            if seen is not None:
+            if seen.info:
                 break
             await asyncio.sleep(0.02)
-    assert seen is not None
+        assert seen.online
     assert seen.info == {"battery": 41, "app_version": "2.3.0"}
     assert premises.metric("heartbeats_total", kind="tablet") == 1
 

@@ -7,7 +7,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.lan.topics import Kind, covers, matches, route
+from agent.lan.topics import Kind, Route, covers, matches, route
 
 LEVELS = ["a", "b"]
 FILTER_LEVELS = ["a", "b", "+", "#"]
@@ -54,6 +54,9 @@ def test_routes() -> None:
     assert route("rfid/r1/scan") is not None
     assert route("rfid/r1/scan").kind is Kind.SCAN  # type: ignore[union-attr]
     assert route("court/c1/button/pressed").kind is Kind.BUTTON  # type: ignore[union-attr]
-    assert route("tablet/t1/status").kind is Kind.TABLET_STATUS  # type: ignore[union-attr]
+    assert route("tablet/t1/status").kind is Kind.STATUS  # type: ignore[union-attr]
+    assert route("rfid/r1/status") == Route(Kind.STATUS, "r1")
+    assert route("display/d1/status") == Route(Kind.STATUS, "d1")
+    assert route("pos/p1/status") is None
     for junk in ("rfid//scan", "rfid/r1/scan/extra", "court/c1/state", "", "agent/status"):
         assert route(junk) is None
