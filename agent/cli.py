@@ -26,6 +26,7 @@ from . import __version__
 from .config import DEFAULT_CONFIG_PATH, Config, load_config
 from .errors import AgentError, ConfigError
 from .logs import configure
+from .loop import run_async
 from .store import repo
 from .store.db import Database, recover
 from .store.members import apply_members, read_member_file
@@ -89,7 +90,7 @@ def run(config: ConfigOpt = DEFAULT_CONFIG_PATH) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await Agent(cfg).run()
 
-    asyncio.run(main())
+    run_async(main())
 
 
 @app.command()
@@ -103,7 +104,7 @@ def demo(
 
     configure(json=False, level="debug" if _debug else "warning")
     try:
-        asyncio.run(run_demo(duration or None, pace, members, out))
+        run_async(run_demo(duration or None, pace, members, out))
     except KeyboardInterrupt:
         out.print("stopped")
 
@@ -160,7 +161,7 @@ def members_import(
             f"{result.members} in cache; member list version {result.version}"
         )
 
-    asyncio.run(main())
+    run_async(main())
 
 
 @members_app.command("show")
@@ -206,7 +207,7 @@ def members_show(
             out.print(table)
             return 0
 
-    code = asyncio.run(main())
+    code = run_async(main())
     if code:
         raise typer.Exit(code)
 
@@ -260,7 +261,7 @@ def broker_export_mosquitto(
 def store_recover(config: ConfigOpt = DEFAULT_CONFIG_PATH) -> None:
     """Move a corrupt database aside and salvage every readable row into a fresh one (agent stopped)."""
     cfg = _load(config)
-    report = asyncio.run(recover(cfg.db_path))
+    report = run_async(recover(cfg.db_path))
     for table, result in report.items():
         out.print(f"{table:<16} {result}", markup=False)
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 import aiomqtt
 import pytest
+import uvloop
 
 from agent import sim
 from agent.app import Agent, running
@@ -50,6 +51,11 @@ BROKER = os.environ.get("CLUB_AGENT_TEST_BROKER", "embedded")
 if BROKER not in ("embedded", "mosquitto"):
     raise RuntimeError(f"CLUB_AGENT_TEST_BROKER={BROKER!r}: expected embedded or mosquitto")
 AGENT_BROKER_PASSWORD = "agent-on-mosquitto-0123456789"
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """The tests run on the loop the agent runs on in production (agent/loop.py)."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

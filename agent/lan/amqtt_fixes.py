@@ -34,13 +34,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import io
 import logging
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from amqtt.adapters import (
+    BufferReader,
     ReaderAdapter,
     StreamReaderAdapter,
     StreamWriterAdapter,
@@ -49,16 +53,20 @@ from amqtt.adapters import (
     WriterAdapter,
 )
 from amqtt.broker import Broker, RetainedApplicationMessage, Server
-from amqtt.contexts import Action
+from amqtt.contexts import Action, ListenerType
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt import packet_class
 from amqtt.mqtt.constants import QOS_0, QOS_2
 from amqtt.mqtt.disconnect import DisconnectPacket
+from amqtt.mqtt.packet import MQTTFixedHeader
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.protocol.handler import ProtocolHandler
 from amqtt.mqtt.puback import PubackPacket
 from amqtt.mqtt.pubcomp import PubcompPacket
+from amqtt.mqtt.publish import PublishPacket
 from amqtt.mqtt.pubrec import PubrecPacket
 from amqtt.mqtt.pubrel import PubrelPacket
-from amqtt.session import OUTGOING, ApplicationMessage, Session
+from amqtt.session import OUTGOING, ApplicationMessage, OutgoingApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
 from ..logs import OnceLogger, get_logger
@@ -73,12 +81,17 @@ _amqtt_log = logging.getLogger("amqtt.broker")
 # A connected client that has not acknowledged a QoS 1/2 delivery after this long is treated as gone: its
 # connection is closed and the message stays in the session, to be redelivered when it reconnects (4.4).
 ACK_TIMEOUT_S = 30.0
+WATCHDOG_S = 5.0
+MAX_WRITE_BUFFER = 1 << 20  # bytes queued to one client before it is cut as a reader that reads nothing
 KEEPALIVE_GRACE = 1.5  # MQTT-3.1.2-24: disconnect after 1.5 x the client's keepalive without a packet
 _MATCH_CACHE_LIMIT = 4096
 
 
 class PacketTooLarge(MQTTError):  # type: ignore[misc]  # amqtt ships no type information
     pass
+
+
+Route = Callable[["AgentHandler", str, bytes, int, bool], None]  # (handler, topic, payload, qos, retain)
 
 
 class BrokerHooks(Protocol):
@@ -140,6 +153,24 @@ def _varint_size(value: int) -> int:
     return 1 if value < 128 else 2 if value < 16384 else 3 if value < 2097152 else 4
 
 
+class Cork:
+    """Connections with bytes queued in this turn of the event loop; flushed together at the end of the turn."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._handlers: list[AgentHandler] = []
+
+    def add(self, handler: AgentHandler) -> None:
+        if not self._handlers:
+            self._loop.call_soon(self._flush)
+        self._handlers.append(handler)
+
+    def _flush(self) -> None:
+        handlers, self._handlers = self._handlers, []
+        for handler in handlers:
+            handler.flush()
+
+
 class Deliveries:
     """Delivery tasks of one broker. amqtt kept them in a FIFO trimmed only from its head, so one client that
     never acknowledges grew it without bound; a set forgets each task when it finishes."""
@@ -168,11 +199,278 @@ class Deliveries:
 class AgentHandler(BrokerProtocolHandler):  # type: ignore[misc]
     """amqtt's broker-side protocol handler with keepalive enforced and in-flight state kept until acknowledged."""
 
-    def __init__(self, plugins_manager: Any, deliveries: Deliveries, loop: asyncio.AbstractEventLoop) -> None:
+    _disconnect_waiter: asyncio.Future[DisconnectPacket | None] | None
+
+    def __init__(
+        self,
+        plugins_manager: Any,
+        deliveries: Deliveries,
+        loop: asyncio.AbstractEventLoop,
+        route: Route,
+        max_packet: int,
+        corked: Cork,
+    ) -> None:
         super().__init__(plugins_manager, loop=loop)
+        self._pending: list[bytes] = []
+        self._corked = corked
+        self._rx = bytearray()
+        self._slow: asyncio.Queue[tuple[int, int, int, bytes] | _Violation | None] = asyncio.Queue()
         self._deliveries = deliveries
+        self._route = route
+        self._max_packet = max_packet
         self.closing = False
         self.closed_by: str | None = None  # "keepalive", "too_large", "protocol": why the broker closed it
+        self._rx_at = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._ack_first: int | None = None
+        self._ack_since = 0.0
+        self._flushing = False
+
+    # -- the hot path ----------------------------------------------------------------------------------------
+    #
+    # amqtt made a task per packet received, a wait_for per read, a task and a future per delivery, and
+    # passed every message through two queues and two loops. Here one coroutine per connection reads whole
+    # packets; PUBLISH (QoS 0/1), PUBACK and PINGREQ are handled inline, and a delivery is a synchronous write
+    # (QoS 1 in-flight state in the session, acknowledged by the PUBACK). QoS 2 and the rarer packets still
+    # go through amqtt's own handlers.
+
+    async def _reader_loop(self) -> None:
+        session = self.session
+        assert self._reader_ready is not None
+        inner = self.reader._inner if isinstance(self.reader, PacketSizeGuard) else self.reader
+        self._rx_at = self._loop.time()
+        self._tick()
+        self._reader_ready.set()
+        try:
+            protocol = _push_protocol(self.writer)
+            if protocol is not None and isinstance(inner, StreamReaderAdapter):
+                await self._push_mode(protocol, inner._reader)
+            else:
+                await self._pull_mode(_exact(inner))
+        except _Violation as exc:
+            _amqtt_log.info("closing %s: %s", session.client_id, exc)
+            if self.closed_by is None:
+                self.closed_by = "protocol"
+        except (asyncio.IncompleteReadError, ConnectionError, NoDataError, asyncio.CancelledError):
+            pass
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+        await self.handle_connection_closed()
+        self._reader_stopped.set()
+        await self.stop()
+
+    async def _push_mode(self, protocol: PushProtocol, stream: asyncio.StreamReader) -> None:
+        """TCP: the transport hands each chunk to `_feed`, which handles every complete packet in it at once;
+        only the rare packets that need amqtt's coroutines come back here, in order, through `_slow`."""
+        buffered: bytearray = stream._buffer  # type: ignore[attr-defined]  # what arrived with the CONNECT
+        self._rx = bytearray(buffered)
+        buffered.clear()
+        protocol.push, protocol.push_eof = self._feed, self._eof
+        if stream.at_eof():
+            self._eof()
+        self._parse()
+        while True:
+            item = await self._slow.get()
+            if item is None:
+                return
+            if isinstance(item, _Violation):
+                raise item
+            await self._other(*item)
+
+    def _feed(self, data: bytes) -> None:
+        self._rx += data
+        self._rx_at = self._loop.time()
+        try:
+            self._parse()
+        except _Violation as exc:
+            self._rx.clear()
+            self._slow.put_nowait(exc)
+            self.abort("protocol")
+
+    def _eof(self) -> None:
+        self._slow.put_nowait(None)
+
+    def _parse(self) -> None:
+        buf, pos, end = self._rx, 0, len(self._rx)
+        while end - pos >= 2:
+            first, byte = buf[pos], buf[pos + 1]
+            length, shift, i = byte & 0x7F, 7, pos + 2
+            while byte & 0x80:
+                if i >= end:
+                    break
+                if shift > 21:
+                    raise _Violation("malformed remaining length")
+                byte = buf[i]
+                length |= (byte & 0x7F) << shift
+                shift += 7
+                i += 1
+            if byte & 0x80:
+                break  # the length prefix is not complete yet
+            self._check_size(length)
+            if end - i < length:
+                break
+            pos = i + length
+            self._dispatch(first, bytes(buf[i:pos]))
+        del buf[:pos]
+
+    async def _pull_mode(self, read: Callable[[int], Any]) -> None:
+        """Websockets (and anything else): read packet by packet."""
+        while True:
+            head = await read(2)
+            first, byte = head[0], head[1]
+            length, shift = byte & 0x7F, 7
+            while byte & 0x80:
+                if shift > 21:
+                    raise _Violation("malformed remaining length")
+                byte = (await read(1))[0]
+                length |= (byte & 0x7F) << shift
+                shift += 7
+            self._check_size(length)
+            body = await read(length) if length else b""
+            self._rx_at = self._loop.time()
+            self._dispatch(first, body)
+            while not self._slow.empty():
+                item = self._slow.get_nowait()
+                if item is not None and not isinstance(item, _Violation):
+                    await self._other(*item)
+
+    def _check_size(self, length: int) -> None:
+        if 1 + _varint_size(length) + length > self._max_packet:
+            self.closed_by = "too_large"
+            raise _Violation(f"packet of {length} bytes exceeds the broker's limit of {self._max_packet}")
+
+    def _dispatch(self, first: int, body: bytes) -> None:
+        kind = first >> 4
+        if kind == 3:
+            self._publish(first, body)
+        elif kind == 4:
+            packet_id = int.from_bytes(body[:2])
+            if self.session.inflight_out.pop(packet_id, None) is None and packet_id in self._puback_waiters:
+                self._puback_waiters[packet_id].set_result(PubackPacket.build(packet_id))
+        elif kind == 12:
+            self._write(b"\xd0\x00")  # PINGRESP
+        else:
+            self._slow.put_nowait((kind, first & 0x0F, len(body), body))
+
+    def _publish(self, first: int, body: bytes) -> None:
+        qos = (first >> 1) & 0x03
+        end = 2 + int.from_bytes(body[:2])
+        try:
+            topic = body[2:end].decode()
+        except UnicodeDecodeError:
+            raise _Violation("topic is not UTF-8") from None  # MQTT-1.5.3-1
+        if qos == 0:
+            self._route(self, topic, body[end:], 0, bool(first & 0x01))
+        elif qos == 1:
+            packet_id = body[end : end + 2]
+            self._write(b"\x40\x02" + packet_id)  # PUBACK before routing: the message is ours now
+            self._route(self, topic, body[end + 2 :], 1, bool(first & 0x01))
+        elif qos == 2:
+            self._deliveries.spawn(self._slow_publish(first, body))
+        else:
+            raise _Violation("QoS 3")  # MQTT-3.3.1-4
+
+    async def _slow_publish(self, first: int, body: bytes) -> None:
+        fixed = MQTTFixedHeader(3, first & 0x0F, len(body))
+        await self.handle_publish(await PublishPacket.from_stream(BufferReader(body), fixed_header=fixed))
+
+    async def _other(self, kind: int, flags: int, length: int, body: bytes) -> None:
+        handlers = {
+            8: self.handle_subscribe,
+            10: self.handle_unsubscribe,
+            5: self.handle_pubrec,
+            6: self.handle_pubrel,
+            7: self.handle_pubcomp,
+            14: self.handle_disconnect,
+        }
+        handle = handlers.get(kind)
+        if handle is None:  # a second CONNECT, a server-only packet or a reserved type
+            raise _Violation(f"packet type {kind} is not allowed from a client here")
+        fixed = MQTTFixedHeader(kind, flags, length)
+        try:
+            packet = await packet_class(fixed).from_stream(BufferReader(body), fixed_header=fixed)
+        except (MQTTError, NoDataError, ValueError, IndexError) as exc:
+            raise _Violation(f"malformed packet of type {kind}: {exc}") from exc
+        await handle(packet)
+
+    def deliver(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> None:
+        """Send a PUBLISH now (no task, no await). At QoS 1 it stays in the session's in-flight set until the
+        client's PUBACK, so a connection lost meanwhile redelivers it on reconnect."""
+        if qos == 2:
+            self._deliveries.spawn(self.mqtt_publish(topic, payload, 2, retain))
+            return
+        session = self.session
+        if session is None:
+            return
+        flags = 0x30 | (0x01 if retain else 0)
+        if qos:
+            packet_id = session.next_packet_id
+            session.inflight_out[packet_id] = OutgoingApplicationMessage(packet_id, topic, 1, payload, retain)
+            self._write(_publish_bytes(flags | 0x02, topic, packet_id, payload))
+        else:
+            self._write(_publish_bytes(flags, topic, None, payload))
+
+    def _write(self, data: bytes) -> None:
+        """Queue bytes for the client; everything queued in one turn of the event loop leaves in one send.
+
+        A send is most of what a message costs the broker (on loopback the kernel's receive path runs in the
+        sender's call), and a turn often has several packets for one client: PUBACKs and deliveries."""
+        if self.closing or self.writer is None:
+            return
+        if self._pending:
+            self._pending.append(data)
+            return
+        self._pending.append(data)
+        self._corked.add(self)
+
+    def flush(self) -> None:
+        """Send what `_write` queued (called once per turn of the event loop by the broker)."""
+        pending, self._pending = self._pending, []
+        writer = self.writer
+        if self.closing or writer is None or not pending:
+            return
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        if isinstance(writer, StreamWriterAdapter):
+            transport = writer._writer.transport
+            if transport.is_closing():
+                return
+            transport.write(data)
+            if transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+                # A client that reads nothing (a tablet on a dying link) must not hold the broker's memory.
+                self.abort("slow_reader")
+            return
+        writer.write(data)
+        if not self._flushing:
+            self._flushing = True
+            self._deliveries.spawn(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            await self.writer.drain()  # websockets: one frame for everything written meanwhile
+        except Exception:
+            self.abort("network")
+        finally:
+            self._flushing = False
+
+    def _tick(self) -> None:
+        """Keepalive (MQTT-3.1.2-24) and acknowledgement watchdog: one timer per connection."""
+        if self.closing:
+            return
+        now = self._loop.time()
+        keepalive = self.session.keep_alive
+        if keepalive and now - self._rx_at >= keepalive:
+            self.handle_read_timeout()
+            return
+        first = next(iter(self.session.inflight_out), None)
+        if first is None or first != self._ack_first:
+            self._ack_first, self._ack_since = first, now
+        elif now - self._ack_since >= ACK_TIMEOUT_S:
+            # Connected but not acknowledging: treat it as gone; the message is redelivered when it is back.
+            self.abort("ack_timeout")
+            return
+        delay = min(WATCHDOG_S, self._rx_at + keepalive - now) if keepalive else WATCHDOG_S
+        self._timer = self._loop.call_later(max(delay, 0.01), self._tick)
 
     def abort(self, why: str) -> None:
         """Drop the network connection now; the reader loop then ends the session as a network failure."""
@@ -187,18 +485,42 @@ class AgentHandler(BrokerProtocolHandler):  # type: ignore[misc]
         # means the network failed: close it, which publishes the will.
         self.abort("keepalive")
 
+    async def start(self) -> None:
+        # amqtt created the disconnect waiter after the reader started and dropped it once a DISCONNECT was
+        # handled, so a client that sent DISCONNECT right after CONNECT had its will published.
+        if self._disconnect_waiter is None:
+            self._disconnect_waiter = self._loop.create_future()
+        await ProtocolHandler.start(self)
+
+    async def handle_disconnect(self, disconnect: DisconnectPacket | None) -> None:
+        waiter = self._disconnect_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(disconnect)  # and kept: wait_disconnect() may be called after this
+
+    async def wait_disconnect(self) -> DisconnectPacket | None:
+        if self._disconnect_waiter is None:
+            self._disconnect_waiter = self._loop.create_future()
+        result: DisconnectPacket | None = await self._disconnect_waiter
+        return result
+
     async def stop(self) -> None:
         self.closing = True
+        if self._timer is not None:
+            self._timer.cancel()
         await super().stop()
 
     async def _retry_deliveries(self) -> None:
-        """MQTT-4.4.0-1: resend what the client never acknowledged, with its original packet id, in order.
-
-        amqtt awaits every retry (up to 10 s each) before the session starts; here they are sent in order
-        and acknowledged whenever the client gets to it."""
+        """MQTT-4.4.0-1: resend what the client never acknowledged, with its original packet id and DUP=1,
+        in order. (amqtt awaited every retry, up to 10 s each, before the session started.)"""
         session = self.session
-        for message in [*session.inflight_in.values(), *session.inflight_out.values()]:
+        for message in list(session.inflight_in.values()):
             self._deliveries.spawn(self._handle_message_flow(message))
+        for packet_id, message in list(session.inflight_out.items()):
+            if message.qos == 1:
+                flags = 0x3A | (0x01 if message.retain else 0)
+                self._write(_publish_bytes(flags, message.topic, packet_id, bytes(message.data)))
+            else:
+                self._deliveries.spawn(self._handle_message_flow(message))
 
     async def _handle_qos1_message_flow(self, message: Any) -> None:
         if message.direction != OUTGOING:
@@ -273,6 +595,80 @@ def _transport(writer: WriterAdapter | None) -> asyncio.WriteTransport | None:
     return None
 
 
+class PushProtocol(asyncio.StreamReaderProtocol):
+    """asyncio's stream protocol, which can hand received bytes straight to a callback instead of a StreamReader
+    (amqtt reads the CONNECT through the StreamReader; the session then switches to `push`)."""
+
+    push: Callable[[bytes], None] | None = None
+    push_eof: Callable[[], None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.push is not None:
+            self.push(data)
+        else:
+            super().data_received(data)
+
+    def eof_received(self) -> bool:
+        if self.push_eof is not None:
+            self.push_eof()
+        return bool(super().eof_received())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.push_eof is not None:
+            self.push_eof()
+        super().connection_lost(exc)
+
+
+def _push_protocol(writer: WriterAdapter | None) -> PushProtocol | None:
+    if isinstance(writer, StreamWriterAdapter):
+        protocol = getattr(writer._writer, "_protocol", None)
+        if isinstance(protocol, PushProtocol):
+            return protocol
+    return None
+
+
+class _Violation(Exception):
+    """A client broke the protocol: its connection is closed (and its will published)."""
+
+
+def _exact(reader: ReaderAdapter) -> Callable[[int], Any]:
+    async def read(n: int) -> bytes:
+        data: bytes = await reader.read(n)
+        if len(data) < n:
+            raise asyncio.IncompleteReadError(data, n)
+        return data
+
+    return read
+
+
+def _publish_bytes(flags: int, topic: str, packet_id: int | None, payload: bytes) -> bytes:
+    name = topic.encode()
+    length = 2 + len(name) + (2 if packet_id is not None else 0) + len(payload)
+    head = bytearray((flags,))
+    while True:
+        byte, length = length & 0x7F, length >> 7
+        head.append(byte | 0x80 if length else byte)
+        if not length:
+            break
+    head += len(name).to_bytes(2)
+    head += name
+    if packet_id is not None:
+        head += packet_id.to_bytes(2)
+    return bytes(head) + payload
+
+
+class SafeWebSocketsWriter(WebSocketsWriter):  # type: ignore[misc]
+    """amqtt's drain() sent the buffer and then replaced it, losing what was written during the send."""
+
+    _stream: io.BytesIO
+
+    async def drain(self) -> None:
+        data = self._stream.getvalue()
+        self._stream = io.BytesIO()
+        if data:
+            await self._protocol.send(data)
+
+
 @dataclass(frozen=True, slots=True)
 class _Target:
     session: Session
@@ -300,6 +696,7 @@ class AgentBroker(Broker):  # type: ignore[misc]
         self._state = state
         self._match_cache: dict[str, list[_Target]] = {}
         self.deliveries = Deliveries()
+        self._cork = Cork(self._loop)
         self._once = OnceLogger(log)
 
     # -- start and stop: persistence -------------------------------------------------------------------------
@@ -317,6 +714,24 @@ class AgentBroker(Broker):  # type: ignore[misc]
 
     # -- connections -----------------------------------------------------------------------------------------
 
+    async def _create_server_instance(
+        self,
+        listener_name: str,
+        listener_type: ListenerType,
+        address: str | None,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+    ) -> Any:
+        if listener_type != ListenerType.TCP:
+            return await super()._create_server_instance(listener_name, listener_type, address, port, ssl_context)
+        loop = asyncio.get_running_loop()
+        connected = functools.partial(self.stream_connected, listener_name=listener_name)
+
+        def protocol() -> PushProtocol:
+            return PushProtocol(asyncio.StreamReader(loop=loop), connected, loop=loop)
+
+        return await loop.create_server(protocol, address, port, reuse_address=True, ssl=ssl_context)
+
     async def stream_connected(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
     ) -> None:
@@ -325,7 +740,7 @@ class AgentBroker(Broker):  # type: ignore[misc]
 
     async def ws_connected(self, websocket: Any, listener_name: str) -> None:
         guarded = PacketSizeGuard(WebSocketsReader(websocket), self._max_packet, self._too_large(websocket.transport))
-        await self._client_connected(listener_name, guarded, WebSocketsWriter(websocket))
+        await self._client_connected(listener_name, guarded, SafeWebSocketsWriter(websocket))
 
     def _too_large(self, transport: asyncio.WriteTransport) -> Callable[[int], None]:
         def abort(size: int) -> None:
@@ -349,7 +764,10 @@ class AgentBroker(Broker):  # type: ignore[misc]
             raise AMQTTError(f"{remote_address}:{remote_port}: no valid CONNECT: {exc}") from exc
         if not incoming.client_id:
             incoming.client_id = gen_client_id()
-        return AgentHandler(self.plugins_manager, self.deliveries, self._loop), incoming
+        handler = AgentHandler(
+            self.plugins_manager, self.deliveries, self._loop, self.route, self._max_packet, self._cork
+        )
+        return handler, incoming
 
     async def _authenticate(self, session: Session, _listener: Any) -> bool:
         ok = await self._directory.authenticate(
@@ -458,38 +876,66 @@ class AgentBroker(Broker):  # type: ignore[misc]
 
     # -- messages in -----------------------------------------------------------------------------------------
 
-    async def _handle_message_delivery(self, session: Session, handler: Any, wait_deliver: Any) -> bool:
-        message: ApplicationMessage | None = wait_deliver.result()
-        if message is None:
-            return True
-        topic = message.topic
+    def route(self, handler: AgentHandler, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        """A PUBLISH from a client, synchronously: check, fan out, retain."""
+        session = handler.session
         if not topic or "#" in topic or "+" in topic or topic.startswith("$"):
             # MQTT-4.7.3-1, 3.3.2-2, 4.7.2-1: a protocol violation closes the connection (amqtt broke out of the
             # message loop and left the socket open and the will unpublished).
             self._once.warning("mqtt_bad_topic", session.client_id, client=session.client_id, topic=topic)
             self._hooks.rejected("bad_topic", session.client_id)
             handler.abort("protocol")
-            return True
+            return
         if not self._directory.may_publish(session.username, topic):
-            return True
-        # MQTT-3.3.5-1 / 4.3: deliver at min(publish QoS, subscription QoS); amqtt used the subscription's.
-        await self._broadcast_message(session, topic, message.data, message.qos or QOS_0)
-        packet = message.publish_packet
-        if packet is not None and packet.retain_flag:
-            await self.retain_message(session, topic, message.data, message.qos)
+            return
+        self._fan_out(session, topic, payload, qos)
+        if retain:
+            self._retain(session, topic, payload, qos)
+
+    def _fan_out(self, source: Session | None, topic: str, payload: bytes, published_qos: int) -> None:
+        """MQTT-3.3.5-1 / 4.3: each subscriber once, at min(publish QoS, its highest matching subscription's).
+        amqtt used the subscription's QoS, and sent one copy per matching filter."""
+        sessions = self._sessions
+        for target in self._targets(topic):
+            session = target.session
+            qos = published_qos if published_qos < target.qos else target.qos
+            if session.transitions.state == "connected":
+                handler = sessions.get(session.client_id, (None, None))[1]
+                if handler is not None:
+                    handler.deliver(topic, payload, qos)
+            elif not session.clean_session and qos > QOS_0:
+                # MQTT-3.1.2-5: store QoS 1/2 for a disconnected persistent session, anonymous or not.
+                self._enqueue(session, RetainedApplicationMessage(source, topic, payload, qos))
+
+    async def _handle_message_delivery(self, session: Session, handler: Any, wait_deliver: Any) -> bool:
+        """What amqtt's own flows deliver: QoS 2 publishes, once their PUBREL arrived."""
+        message: ApplicationMessage | None = wait_deliver.result()
+        if message is not None:
+            packet = message.publish_packet
+            retain = packet is not None and bool(packet.retain_flag)
+            self.route(handler, message.topic, bytes(message.data), message.qos or QOS_0, retain)
         return True
+
+    async def _broadcast_message(
+        self, session: Session | None, topic: str | None, data: bytes | bytearray | None, force_qos: Any = None
+    ) -> None:
+        """Wills and internal messages: straight to the subscribers, no queue in between."""
+        if topic and data is not None:
+            self._fan_out(session, topic, bytes(data), force_qos or QOS_0)
 
     async def retain_message(
         self, source_session: Session | None, topic_name: str | None, data: bytes | bytearray | None, qos: Any = None
     ) -> None:
-        if topic_name is None:
-            return
-        if data:
-            self._retained_messages[topic_name] = RetainedApplicationMessage(source_session, topic_name, data, qos)
+        if topic_name is not None:
+            self._retain(source_session, topic_name, bytes(data or b""), qos or QOS_0)
+
+    def _retain(self, source: Session | None, topic: str, payload: bytes, qos: int) -> None:
+        if payload:
+            self._retained_messages[topic] = RetainedApplicationMessage(source, topic, payload, qos)
         else:
-            self._retained_messages.pop(topic_name, None)  # MQTT-3.3.1-10: an empty retained payload clears it
+            self._retained_messages.pop(topic, None)  # MQTT-3.3.1-10: an empty retained payload clears it
         if self._state is not None:
-            self._state.retained_changed(topic_name)
+            self._state.retained_changed(topic)
 
     async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
         if action == Action.PUBLISH:
@@ -549,23 +995,6 @@ class AgentBroker(Broker):  # type: ignore[misc]
 
     # -- messages out ----------------------------------------------------------------------------------------
 
-    async def _run_broadcast(self, running_tasks: Any) -> None:
-        broadcast = await self._broadcast_queue.get()
-        topic: str = broadcast["topic"]
-        data: bytes = broadcast["data"]
-        source: Session | None = broadcast["session"]
-        published_qos: int = broadcast.get("qos", QOS_0)
-        for target in self._targets(topic):
-            session = target.session
-            qos = min(published_qos, target.qos)
-            if session.transitions.state == "connected":
-                handler = self._sessions.get(session.client_id, (None, None))[1]
-                if handler is not None:
-                    self.deliveries.spawn(handler.mqtt_publish(topic, data, qos, retain=False))
-            elif not session.clean_session and qos > QOS_0:
-                # MQTT-3.1.2-5: store QoS 1/2 for a disconnected persistent session, anonymous or not.
-                self._enqueue(session, RetainedApplicationMessage(source, topic, data, qos))
-
     def _enqueue(self, session: Session, message: RetainedApplicationMessage) -> None:
         queue = session.retained_messages
         if queue.qsize() >= self._max_queued:
@@ -588,7 +1017,7 @@ class AgentBroker(Broker):  # type: ignore[misc]
         queue = session.retained_messages
         while not queue.empty():
             queued = queue.get_nowait()
-            self.deliveries.spawn(handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False))
+            handler.deliver(queued.topic, bytes(queued.data), queued.qos or QOS_0)
         if self._state is not None:
             self._state.touch(session)
 
@@ -602,7 +1031,7 @@ class AgentBroker(Broker):  # type: ignore[misc]
         for topic, retained in list(self._retained_messages.items()):
             if _filter_matches(topic, topic_filter):
                 stored_qos = retained.qos if retained.qos is not None else qos
-                self.deliveries.spawn(handler.mqtt_publish(topic, retained.data, min(qos, stored_qos), retain=True))
+                handler.deliver(topic, bytes(retained.data), min(qos, stored_qos), retain=True)
 
     # -- introspection ---------------------------------------------------------------------------------------
 
