@@ -29,6 +29,10 @@ from .lan.presence import Presence
 from .logs import get_logger
 from .metrics import Metrics
 from .store.db import Database
+from .sync.cloud import CloudDestination
+from .sync.delivery import Destination
+from .sync.outbox import Outbox
+from .sync.ziggy import ZiggyDestination
 from .web.server import make_app
 
 log = get_logger("agent.app")
@@ -90,6 +94,7 @@ class Agent:
         self.db: Database | None = None
         self.service: AccessService | None = None
         self.dispatcher: Dispatcher | None = None
+        self.outbox: Outbox | None = None
         # The agent's own account on the embedded broker: a fresh random password each start, never written.
         self._agent_password = secrets.token_urlsafe(24)
 
@@ -143,9 +148,13 @@ class Agent:
         self.presence.on_change = dispatcher.presence_changed
         self.service, self.dispatcher = service, dispatcher
         runner = await self._start_web(db)
+        outbox = Outbox(db, self._destinations(db))
+        db.on_commit.append(outbox.notify)
+        self.outbox = outbox
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(dispatcher.run(host, port, AGENT_USERNAME, password, tls))
+                tg.create_task(outbox.run())
                 tg.create_task(self._sweeper(service, dispatcher))
                 tg.create_task(self._announce_ready(dispatcher))
         finally:
@@ -153,6 +162,34 @@ class Agent:
             if runner is not None:
                 await runner.cleanup()
             log.info("agent_stopped")
+
+    def _destinations(self, db: Database) -> list[Destination]:
+        """The outbox's destinations; an enabled one without its secrets is reported and left undelivered
+        (its rows wait, visible in `outbox status`), never silently dropped."""
+        cfg, secrets = self.config, self.config.secrets
+        out: list[Destination] = []
+        if "ziggy" in cfg.destinations and cfg.ziggy is not None:
+            if secrets.ziggy_api_key is None:
+                log.error("destination_not_configured", destination="ziggy", missing="ziggy_api_key")
+            else:
+                out.append(ZiggyDestination(cfg.ziggy, secrets.ziggy_api_key.get_secret_value(), db))
+        if "cloud" in cfg.destinations and cfg.cloud is not None:
+            if secrets.cloud_client_secret is None or secrets.cloud_signing_secret is None:
+                log.error(
+                    "destination_not_configured",
+                    destination="cloud",
+                    missing="cloud_client_secret/cloud_signing_secret",
+                )
+            else:
+                out.append(
+                    CloudDestination(
+                        cfg.cloud,
+                        secrets.cloud_client_secret.get_secret_value(),
+                        secrets.cloud_signing_secret.get_secret_value(),
+                        cfg.agent.agent_id,
+                    )
+                )
+        return out
 
     async def _start_web(self, db: Database) -> web.AppRunner | None:
         if not self.config.api.enabled:

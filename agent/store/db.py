@@ -12,7 +12,7 @@ import enum
 import shutil
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -82,6 +82,7 @@ class Database:
         self._reader: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self._state = _State.NEW
+        self.on_commit: list[Callable[[], None]] = []
 
     async def __aenter__(self) -> Self:
         if self._state is not _State.NEW:
@@ -161,8 +162,11 @@ class Database:
             )
 
     @asynccontextmanager
-    async def transaction(self, doing: str = "writing") -> AsyncIterator[aiosqlite.Connection]:
-        """An exclusive write transaction; commits on success, rolls back on any error (or cancellation)."""
+    async def transaction(self, doing: str = "writing", *, notify: bool = True) -> AsyncIterator[aiosqlite.Connection]:
+        """An exclusive write transaction; commits on success, rolls back on any error (or cancellation).
+
+        After a commit the `on_commit` callbacks run (the outbox wakes for new delivery rows); `notify=False`
+        for writes nobody needs to hear about (the outbox's own bookkeeping)."""
         conn = self.conn
         async with self._lock:
             try:
@@ -179,6 +183,9 @@ class Database:
                 if isinstance(exc, sqlite3.Error):
                     raise translate(exc, doing) from exc
                 raise
+        if notify:
+            for callback in self.on_commit:
+                callback()
 
     async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         try:

@@ -1,0 +1,140 @@
+"""What a destination is given and what it answers, and how an HTTP answer is judged (DESIGN 2.2).
+
+Network errors, timeouts, 408, 429 and 5xx are transient: retried with backoff (429's Retry-After honoured).
+401 renews credentials once (inside the destination). Any other 4xx is permanent for that event: it goes to the
+dead-letter state with the reason and never blocks the rest. A 2xx whose body cannot be read is transient: the
+call may have acted, and the idempotency key (Ziggy) or the event id (cloud) makes the retry safe.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Protocol
+
+import httpx
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    seq: int
+    event_id: str
+    type: str
+    occurred_at: int  # ms since the epoch, as stamped
+    mono_ns: int
+    boot_id: str
+    clock_synced: bool
+    session_id: str | None
+    device_id: str | None
+    data: dict[str, Any]
+    attempts: int
+    first_attempt_at: int | None  # ms
+
+    def wire(self) -> dict[str, Any]:
+        """The event as the cloud contract carries it."""
+        return {
+            "event_id": self.event_id,
+            "seq": self.seq,
+            "type": self.type,
+            "occurred_at": datetime.fromtimestamp(self.occurred_at / 1000, UTC).isoformat(timespec="milliseconds"),
+            "mono_ns": self.mono_ns,
+            "boot_id": self.boot_id,
+            "clock_synced": self.clock_synced,
+            "session_id": self.session_id,
+            "data": self.data,
+        }
+
+
+class Verdict(enum.StrEnum):
+    DELIVERED = "delivered"
+    RETRY = "retry"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    seq: int
+    verdict: Verdict
+    reason: str | None = None
+
+
+class Transient(Exception):
+    """The whole call failed in a way worth retrying (network, timeout, 408/429/5xx, unreadable answer)."""
+
+    def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class Permanent(Exception):
+    """The destination refused this request for good (4xx other than 401/408/429)."""
+
+    def __init__(self, reason: str, status: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+class Unauthorized(Exception):
+    """401: credentials to renew (once) before the call is retried."""
+
+
+class Destination(Protocol):
+    name: str
+    batch_size: int
+
+    async def send(self, events: list[OutboxEvent]) -> list[Result]:
+        """Deliver `events` (in seq order, at most batch_size); raise Transient when the call as a whole failed."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
+def judge(response: httpx.Response) -> dict[str, Any] | list[Any]:
+    """The decoded JSON of a successful answer, or the exception that says what to do."""
+    status = response.status_code
+    if status == 401:
+        raise Unauthorized(_brief(response))
+    if status in (408, 429) or status >= 500:
+        raise Transient(f"HTTP {status}: {_brief(response)}", retry_after(response))
+    if status >= 400:
+        raise Permanent(f"HTTP {status}: {_brief(response)}", status)
+    try:
+        body: dict[str, Any] | list[Any] = json.loads(response.content) if response.content else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise Transient(f"HTTP {status} with an unreadable body ({exc.__class__.__name__})") from exc
+    if not isinstance(body, dict | list):
+        raise Transient(f"HTTP {status} with an unexpected body: {str(body)[:80]}")
+    return body
+
+
+def _brief(response: httpx.Response) -> str:
+    try:
+        doc = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return response.text[:160]
+    if isinstance(doc, dict):
+        return str(doc.get("detail") or doc.get("error") or doc)[:160]
+    return str(doc)[:160]
+
+
+def network_error(exc: httpx.HTTPError) -> Transient:
+    return Transient(f"{exc.__class__.__name__}: {exc}"[:200])

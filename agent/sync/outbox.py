@@ -1,0 +1,265 @@
+"""The persistent outbox: one worker per destination, reading the event log's delivery rows (DESIGN 3).
+
+- Durable first: rows are written in the decision's own transaction (store.repo.append_events); a worker only
+  moves a row from pending to delivered or dead, so a crash or a restart while offline loses nothing.
+- Order per session, never global: an event goes out only when no earlier event of its session is still pending
+  and waiting for a retry; within a batch, a session's events keep their order.
+- Fresh events are not starved by a backlog: half of each batch is taken from the newest eligible events (those
+  with nothing of their session before them), and the replay is paced (`replay_per_s`).
+- Retries: exponential backoff with jitter and a cap per row, `Retry-After` honoured, a circuit breaker per
+  destination. A permanent refusal dead-letters that event with the reason; the rest goes on.
+- Timers never depend on new writes arriving: an idle worker sleeps until the earliest retry is due, or until
+  `notify()` says new rows were committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import StoreError
+from ..logs import OnceLogger, get_logger
+from ..store.db import Database
+from .breaker import CircuitBreaker
+from .delivery import Destination, OutboxEvent, Result, Transient, Verdict
+
+log = get_logger("agent.sync.outbox")
+
+BACKOFF_BASE_S = 1.0
+BACKOFF_CAP_S = 300.0
+REPLAY_PER_S = 500.0
+IDLE_MAX_S = 30.0
+
+_COLUMNS = (
+    "d.seq, e.event_id, e.type, e.occurred_at, e.mono_ns, e.boot_id, e.clock_synced, e.session_id, e.device_id,"
+    " e.data, d.attempts, d.first_attempt_at"
+)
+# Due, and nothing of the same session before it that is still waiting for a retry.
+_DUE_RELAXED = f"""
+SELECT {_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.seq
+WHERE d.destination = :dest AND d.state = 'pending' AND d.next_attempt_at <= :now
+  AND (e.session_id IS NULL OR NOT EXISTS (
+        SELECT 1 FROM events e2 JOIN deliveries d2 ON d2.seq = e2.seq AND d2.destination = :dest
+        WHERE e2.session_id = e.session_id AND e2.seq < e.seq AND d2.state = 'pending'
+          AND d2.next_attempt_at > :now))
+ORDER BY d.seq LIMIT :limit
+"""  # noqa: S608 - constant SQL, parameters bound
+# Due, and nothing of the same session before it pending at all: safe to send ahead of the backlog.
+_DUE_FRESH = f"""
+SELECT {_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.seq
+WHERE d.destination = :dest AND d.state = 'pending' AND d.next_attempt_at <= :now
+  AND (e.session_id IS NULL OR NOT EXISTS (
+        SELECT 1 FROM events e2 JOIN deliveries d2 ON d2.seq = e2.seq AND d2.destination = :dest
+        WHERE e2.session_id = e.session_id AND e2.seq < e.seq AND d2.state = 'pending'))
+ORDER BY d.seq DESC LIMIT :limit
+"""  # noqa: S608
+
+
+@dataclass
+class WorkerStatus:
+    destination: str
+    breaker: str
+    last_success_ms: int | None = None
+    last_error: str | None = None
+
+
+class _Pace:
+    """A token bucket: how fast a backlog is replayed after an outage."""
+
+    def __init__(self, per_s: float, burst: float) -> None:
+        self.per_s, self.burst = per_s, burst
+        self._tokens, self._at = burst, time.monotonic()
+
+    async def take(self, n: int) -> None:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.per_s)
+        self._at = now
+        self._tokens -= n
+        if self._tokens < 0:
+            await asyncio.sleep(-self._tokens / self.per_s)
+
+
+class Outbox:
+    def __init__(
+        self,
+        db: Database,
+        destinations: Sequence[Destination],
+        *,
+        wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        replay_per_s: float = REPLAY_PER_S,
+        backoff_base_s: float = BACKOFF_BASE_S,
+        backoff_cap_s: float = BACKOFF_CAP_S,
+    ) -> None:
+        self._db = db
+        self._wall_ms = wall_ms
+        self.workers = [
+            _Worker(self, d, replay_per_s=replay_per_s, base_s=backoff_base_s, cap_s=backoff_cap_s)
+            for d in destinations
+        ]
+
+    def notify(self) -> None:
+        """New delivery rows were committed."""
+        for worker in self.workers:
+            worker.wake.set()
+
+    async def run(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for worker in self.workers:
+                    tg.create_task(worker.run(), name=f"outbox-{worker.destination.name}")
+        finally:
+            for worker in self.workers:
+                await worker.destination.aclose()
+
+
+class _Worker:
+    def __init__(self, outbox: Outbox, destination: Destination, *, replay_per_s: float, base_s: float, cap_s: float):
+        self.outbox = outbox
+        self.destination = destination
+        self.breaker = CircuitBreaker()
+        self.wake = asyncio.Event()
+        self.status = WorkerStatus(destination.name, self.breaker.state.value)
+        self._pace = _Pace(replay_per_s, max(replay_per_s, destination.batch_size * 2))
+        self._base_s, self._cap_s = base_s, cap_s
+        self._fresh_turn = False
+        self._once = OnceLogger(log)
+
+    @property
+    def _db(self) -> Database:
+        return self.outbox._db
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self._round()
+            except StoreError as exc:  # a full or read-only disk: say so, wait, try again
+                self._once.warning("outbox_store_error", self.destination.name, error=str(exc))
+                await asyncio.sleep(5)
+
+    async def _round(self) -> None:
+        if not self.breaker.allow():
+            await self._sleep(self.breaker.wait_s())
+            return
+        batch = await self._due()
+        if not batch:
+            await self._idle()
+            return
+        await self._pace.take(len(batch))
+        try:
+            results = await self.destination.send(batch)
+        except Transient as exc:
+            self.breaker.failure()
+            self._once.warning(
+                "outbox_retry",
+                f"{self.destination.name}:{exc.reason[:40]}",
+                destination=self.destination.name,
+                error=exc.reason,
+                events=len(batch),
+            )
+            await self._record(batch, [Result(e.seq, Verdict.RETRY, exc.reason) for e in batch], exc.retry_after_s)
+            return
+        self.breaker.success()
+        await self._record(batch, results, None)
+
+    async def _due(self) -> list[OutboxEvent]:
+        now = self.outbox._wall_ms()
+        size = self.destination.batch_size
+        params: dict[str, Any] = {"dest": self.destination.name, "now": now}
+        if size == 1:
+            # One event per call: alternate the oldest and the freshest eligible one.
+            self._fresh_turn = not self._fresh_turn
+            query = _DUE_FRESH if self._fresh_turn else _DUE_RELAXED
+            rows = await self._db.fetchall(query, {**params, "limit": 1})
+            if not rows and self._fresh_turn:
+                rows = await self._db.fetchall(_DUE_RELAXED, {**params, "limit": 1})
+        else:
+            oldest = await self._db.fetchall(_DUE_RELAXED, {**params, "limit": size - size // 2})
+            freshest = await self._db.fetchall(_DUE_FRESH, {**params, "limit": size // 2})
+            rows = sorted({r[0]: r for r in [*oldest, *freshest]}.values(), key=lambda r: r[0])
+        return [_event(r) for r in rows]
+
+    def _backoff_ms(self, attempts: int, retry_after_s: float | None) -> int:
+        if retry_after_s is not None:
+            return int(retry_after_s * 1000 * random.uniform(1.0, 1.1))
+        delay = min(self._cap_s, self._base_s * 2 ** min(attempts, 30))
+        return int(delay * 1000 * random.uniform(0.5, 1.0))
+
+    async def _record(self, batch: list[OutboxEvent], results: list[Result], retry_after_s: float | None) -> None:
+        tried = {e.seq: e.attempts for e in batch}
+        now = self.outbox._wall_ms()
+        dest = self.destination.name
+        async with self._db.transaction("recording deliveries", notify=False) as conn:
+            for r in results:
+                if r.verdict is Verdict.DELIVERED:
+                    await conn.execute(
+                        "UPDATE deliveries SET state = 'delivered', delivered_at = ?, attempts = attempts + 1,"
+                        " first_attempt_at = COALESCE(first_attempt_at, ?), last_error = NULL"
+                        " WHERE destination = ? AND seq = ?",
+                        (now, now, dest, r.seq),
+                    )
+                elif r.verdict is Verdict.DEAD:
+                    await conn.execute(
+                        "UPDATE deliveries SET state = 'dead', attempts = attempts + 1, last_error = ?,"
+                        " first_attempt_at = COALESCE(first_attempt_at, ?) WHERE destination = ? AND seq = ?",
+                        (r.reason, now, dest, r.seq),
+                    )
+                else:
+                    attempts = tried.get(r.seq, 0)
+                    await conn.execute(
+                        "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?,"
+                        " first_attempt_at = COALESCE(first_attempt_at, ?) WHERE destination = ? AND seq = ?",
+                        (r.reason, now + self._backoff_ms(attempts, retry_after_s), now, dest, r.seq),
+                    )
+            delivered = any(r.verdict is Verdict.DELIVERED for r in results)
+            failed = next((r.reason for r in results if r.verdict is not Verdict.DELIVERED), None)
+            await conn.execute(
+                "INSERT INTO destination_state (destination, last_success_at, last_error, last_error_at, breaker)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (destination) DO UPDATE SET"
+                " last_success_at = COALESCE(excluded.last_success_at, last_success_at),"
+                " last_error = COALESCE(excluded.last_error, last_error),"
+                " last_error_at = COALESCE(excluded.last_error_at, last_error_at), breaker = excluded.breaker",
+                (dest, now if delivered else None, failed, now if failed else None, self.breaker.state.value),
+            )
+        self.status.breaker = self.breaker.state.value
+        if delivered:
+            self.status.last_success_ms = now
+        if failed:
+            self.status.last_error = failed
+
+    async def _idle(self) -> None:
+        """Sleep until the earliest retry is due or new rows are committed (never only the latter)."""
+        row = await self._db.fetchone(
+            "SELECT MIN(next_attempt_at) FROM deliveries WHERE destination = ? AND state = 'pending'",
+            (self.destination.name,),
+        )
+        due = row[0] if row and row[0] is not None else None
+        wait = IDLE_MAX_S if due is None else max(0.0, (due - self.outbox._wall_ms()) / 1000)
+        await self._sleep(min(wait, IDLE_MAX_S))
+
+    async def _sleep(self, seconds: float) -> None:
+        self.wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), max(seconds, 0.005))
+
+
+def _event(row: Any) -> OutboxEvent:
+    return OutboxEvent(
+        seq=row[0],
+        event_id=row[1],
+        type=row[2],
+        occurred_at=row[3],
+        mono_ns=row[4],
+        boot_id=row[5],
+        clock_synced=bool(row[6]),
+        session_id=row[7],
+        device_id=row[8],
+        data=json.loads(row[9]),
+        attempts=row[10],
+        first_attempt_at=row[11],
+    )

@@ -1,0 +1,156 @@
+"""Ziggy, the access-control vendor (DESIGN 2.2): check-in, checkout and consumption, one call per event.
+
+Ziggy names its own sessions, and its id comes only with the check-in's answer: it is stored
+(`ziggy_sessions`) and every later call of that session carries it. The outbox keeps a session's events in
+order, so a checkout is never tried before its check-in was answered. Every call has an `Idempotency-Key` (the
+event id). Ziggy may forget keys after a day, so a check-in first tried more than a day ago first asks
+`sessions/active` whether Ziggy already has it, rather than creating it twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from ..config import ZiggySection
+from ..store.db import Database
+from .delivery import OutboxEvent, Permanent, Result, Transient, Unauthorized, Verdict, judge, network_error
+
+KEY_MEMORY_MS = 24 * 3600 * 1000
+TIMEOUT = httpx.Timeout(5.0)  # the reference document's timeout for Ziggy
+
+
+class ZiggyDestination:
+    name = "ziggy"
+    batch_size = 1
+
+    def __init__(
+        self,
+        section: ZiggySection,
+        api_key: str,
+        db: Database,
+        client: httpx.AsyncClient | None = None,
+        wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+    ) -> None:
+        self._base = section.base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {api_key}", "X-Client-Id": section.client_id}
+        self._db = db
+        self._client = client or httpx.AsyncClient()
+        self._wall_ms = wall_ms
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def _call(self, method: str, path: str, body: Any = None, key: str | None = None) -> Any:
+        headers = dict(self._headers)
+        if key is not None:
+            headers["Idempotency-Key"] = key
+        try:
+            response = await self._client.request(
+                method, self._base + path, json=body, headers=headers, timeout=TIMEOUT
+            )
+        except httpx.HTTPError as exc:
+            raise network_error(exc) from exc
+        try:
+            return judge(response)
+        except Unauthorized as exc:
+            # An API key does not renew itself: count it as a failure of the whole destination (the breaker
+            # opens) until the operator fixes the secrets file.
+            raise Transient(f"Ziggy refused the API key: {exc}") from exc
+
+    async def send(self, events: list[OutboxEvent]) -> list[Result]:
+        out = []
+        for event in events:
+            try:
+                await self._deliver(event)
+            except Permanent as exc:
+                out.append(Result(event.seq, Verdict.DEAD, exc.reason))
+            else:
+                out.append(Result(event.seq, Verdict.DELIVERED))
+        return out
+
+    async def _deliver(self, event: OutboxEvent) -> None:
+        data = event.data
+        if event.type == "session.started":
+            await self._checkin(event)
+        elif event.type == "session.ended":
+            ziggy_id = await self._ziggy_session(event)
+            try:
+                await self._call("POST", "/access/checkout", {"session_id": ziggy_id}, key=event.event_id)
+            except Permanent as exc:
+                if exc.status != 409:  # 409: already checked out there (a retry that had acted)
+                    raise
+        elif event.type == "consumption.recorded":
+            ziggy_id = await self._ziggy_session(event)
+            body = {
+                "session_id": ziggy_id,
+                "item_id": data["item_id"],
+                "item_name": data["item_name"],
+                "quantity": data["quantity"],
+                "unit_price": data["unit_price"],
+                "total_price": data["total_price"],
+            }
+            await self._call("POST", "/consumption/record", body, key=event.event_id)
+        else:
+            raise Permanent(f"Ziggy does not take {event.type} events")
+
+    async def _checkin(self, event: OutboxEvent) -> None:
+        data = event.data
+        stale = event.first_attempt_at is not None and self._wall_ms() - event.first_attempt_at > KEY_MEMORY_MS
+        if stale:
+            known = await self._active_for(data["member_id"], data["court_id"])
+            if known is not None:
+                await self._remember(event, known, None)
+                return
+        body = {"user_id": data["member_id"], "court_id": data["court_id"], "timestamp": data["started_at"]}
+        try:
+            answer = await self._call("POST", "/access/checkin", body, key=event.event_id)
+        except Permanent as exc:
+            if exc.status != 409:
+                raise
+            # Ziggy already has this member checked in: adopt that session if it is on the same court.
+            known = await self._active_for(data["member_id"], data["court_id"])
+            if known is None:
+                raise
+            await self._remember(event, known, None)
+            return
+        if not isinstance(answer, dict) or not isinstance(answer.get("session_id"), str):
+            raise Transient("Ziggy's check-in answer has no session_id")
+        await self._remember(event, answer["session_id"], answer.get("checked_in_at"))
+
+    async def _active_for(self, member_id: str, court_id: str) -> str | None:
+        answer = await self._call("GET", f"/access/sessions/active?user_id={member_id}")
+        sessions = (
+            answer if isinstance(answer, list) else answer.get("sessions", []) if isinstance(answer, dict) else []
+        )
+        for s in sessions:
+            if isinstance(s, dict) and s.get("user_id") == member_id and _court_of(s) == court_id:
+                session_id = s.get("session_id")
+                return session_id if isinstance(session_id, str) else None
+        return None
+
+    async def _remember(self, event: OutboxEvent, ziggy_id: str, checked_in_at: Any) -> None:
+        async with self._db.transaction("recording Ziggy's session id", notify=False) as conn:
+            await conn.execute(
+                "INSERT OR REPLACE INTO ziggy_sessions (session_id, ziggy_session_id, checked_in_at) VALUES (?, ?, ?)",
+                (event.session_id, ziggy_id, checked_in_at if isinstance(checked_in_at, str) else None),
+            )
+
+    async def _ziggy_session(self, event: OutboxEvent) -> str:
+        row = await self._db.fetchone(
+            "SELECT ziggy_session_id FROM ziggy_sessions WHERE session_id = ?", (event.session_id,)
+        )
+        if row is None:
+            # The outbox sends a session's events in order, so the check-in was dead-lettered: nothing to attach to.
+            raise Permanent(f"no Ziggy session for {event.session_id}: its check-in never reached Ziggy")
+        return str(row[0])
+
+
+def _court_of(session: dict[str, Any]) -> str | None:
+    court = session.get("court_id")
+    if court is None and isinstance(session.get("court"), dict):
+        court = session["court"].get("id")
+    return court if isinstance(court, str) else None
