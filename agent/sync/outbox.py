@@ -43,21 +43,21 @@ _COLUMNS = (
 # Due, and nothing of the same session before it that is still waiting for a retry.
 _DUE_RELAXED = f"""
 SELECT {_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.seq
-WHERE d.destination = :dest AND d.state = 'pending' AND d.next_attempt_at <= :now
+WHERE d.destination = ? AND d.state = 'pending' AND d.next_attempt_at <= ?
   AND (e.session_id IS NULL OR NOT EXISTS (
-        SELECT 1 FROM events e2 JOIN deliveries d2 ON d2.seq = e2.seq AND d2.destination = :dest
+        SELECT 1 FROM events e2 JOIN deliveries d2 ON d2.seq = e2.seq AND d2.destination = ?
         WHERE e2.session_id = e.session_id AND e2.seq < e.seq AND d2.state = 'pending'
-          AND d2.next_attempt_at > :now))
-ORDER BY d.seq LIMIT :limit
+          AND d2.next_attempt_at > ?))
+ORDER BY d.seq LIMIT ?
 """  # noqa: S608 - constant SQL, parameters bound
 # Due, and nothing of the same session before it pending at all: safe to send ahead of the backlog.
 _DUE_FRESH = f"""
 SELECT {_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.seq
-WHERE d.destination = :dest AND d.state = 'pending' AND d.next_attempt_at <= :now
+WHERE d.destination = ? AND d.state = 'pending' AND d.next_attempt_at <= ?
   AND (e.session_id IS NULL OR NOT EXISTS (
-        SELECT 1 FROM events e2 JOIN deliveries d2 ON d2.seq = e2.seq AND d2.destination = :dest
+        SELECT 1 FROM events e2 JOIN deliveries d2 ON d2.seq = e2.seq AND d2.destination = ?
         WHERE e2.session_id = e.session_id AND e2.seq < e.seq AND d2.state = 'pending'))
-ORDER BY d.seq DESC LIMIT :limit
+ORDER BY d.seq DESC LIMIT ?
 """  # noqa: S608
 
 
@@ -170,17 +170,18 @@ class _Worker:
     async def _due(self) -> list[OutboxEvent]:
         now = self.outbox._wall_ms()
         size = self.destination.batch_size
-        params: dict[str, Any] = {"dest": self.destination.name, "now": now}
+        dest = self.destination.name
+        relaxed = (dest, now, dest, now)  # the relaxed query checks `now` twice
+        fresh = (dest, now, dest)
         if size == 1:
             # One event per call: alternate the oldest and the freshest eligible one.
             self._fresh_turn = not self._fresh_turn
-            query = _DUE_FRESH if self._fresh_turn else _DUE_RELAXED
-            rows = await self._db.fetchall(query, {**params, "limit": 1})
-            if not rows and self._fresh_turn:
-                rows = await self._db.fetchall(_DUE_RELAXED, {**params, "limit": 1})
+            rows = await self._db.fetchall(_DUE_FRESH, (*fresh, 1)) if self._fresh_turn else []
+            if not rows:
+                rows = await self._db.fetchall(_DUE_RELAXED, (*relaxed, 1))
         else:
-            oldest = await self._db.fetchall(_DUE_RELAXED, {**params, "limit": size - size // 2})
-            freshest = await self._db.fetchall(_DUE_FRESH, {**params, "limit": size // 2})
+            oldest = await self._db.fetchall(_DUE_RELAXED, (*relaxed, size - size // 2))
+            freshest = await self._db.fetchall(_DUE_FRESH, (*fresh, size // 2))
             rows = sorted({r[0]: r for r in [*oldest, *freshest]}.values(), key=lambda r: r[0])
         return [_event(r) for r in rows]
 
