@@ -1,5 +1,5 @@
-"""`club-agent`: run, demo, config check, members import/show, devices hash-password, broker export-mosquitto,
-store recover.
+"""`club-agent`: run, demo, sandbox, config check, members import/show, devices hash-password,
+broker export-mosquitto, store recover.
 
 Exit codes: 0 ok, 2 usage or configuration error, 1 runtime failure. Errors are one clear line; `--debug`
 shows the traceback.
@@ -14,7 +14,7 @@ import secrets
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -105,6 +105,81 @@ def demo(
     configure(json=False, level="debug" if _debug else "warning")
     try:
         run_async(run_demo(duration or None, pace, members, out))
+    except KeyboardInterrupt:
+        out.print("stopped")
+
+
+@app.command()
+def sandbox(
+    host: Annotated[
+        str, typer.Option(help="Address to listen on. /_sandbox/ has no authentication: keep loopback on shared LANs.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0: any free port).", min=0, max=65535)] = 8900,
+    faults: Annotated[
+        Path | None, typer.Option(help='Fault plan to start with: JSON list of rules, or {"rules": [...], "seed": n}.')
+    ] = None,
+    members: Annotated[int, typer.Option(help="Deterministic members to seed.", min=0, max=1_000_000)] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the members (and of fault rates, unless the plan has one).")] = 1,
+    token_ttl: Annotated[float, typer.Option("--token-ttl", help="Access-token lifetime in seconds.", min=1)] = 300,
+) -> None:
+    """Serve a sandbox Ziggy and club cloud (with fault injection) for dry runs and tests, until Ctrl-C."""
+    import signal
+
+    from .sandbox import SandboxOptions, SandboxServer, load_plan_file
+
+    rules: list[Any] = []
+    fault_seed = None
+    if faults is not None:
+        try:
+            rules, fault_seed = load_plan_file(faults)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--faults") from exc
+    options = SandboxOptions(
+        members=members, seed=seed, token_ttl_s=token_ttl, faults=tuple(rules), fault_seed=fault_seed
+    )
+    configure(json=False, level="debug" if _debug else "warning")
+
+    def show(entry: dict[str, Any]) -> None:
+        fault = f" [fault {entry['fault']}]" if entry.get("fault") else ""
+        if entry["kind"] == "event":
+            line = f"#{entry['n']} event {entry['type']} {entry['device_id']} seq {entry['seq']}{fault}"
+        else:
+            outcome = "replayed" if entry["replayed"] else "acted" if entry["acted"] else entry["error"] or "no effect"
+            line = f"#{entry['n']} {entry['route']} {entry['status'] or 'no answer'} {outcome}{fault}"
+        out.print(line, markup=False, highlight=False)
+
+    async def main() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                server = await stack.enter_async_context(SandboxServer(options, host=host, port=port))
+            except OSError as exc:
+                raise AgentError(f"sandbox cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+            settings = server.settings
+            base = server.url
+            faults_text = f"{len(rules)} fault rule(s) from {faults}" if faults else "no faults"
+            out.print(
+                f"sandbox cloud on {base}: {members} members (seed {seed}), tokens live {token_ttl:g} s, "
+                f"{faults_text}. Ctrl-C stops it.\n\n"
+                f"# agent.toml\n{settings.config_toml()}\n"
+                f"# secrets.toml (chmod 600)\n{settings.secrets_toml()}\n"
+                f"realm {settings.realm}; signing: X-Timestamp + X-Signature = hex(HMAC-SHA256(cloud_signing_secret, "
+                f'"{{timestamp}}.{{body}}"))\n'
+                f"oracle and controls: {base}/_sandbox/health, received, faults (GET/PUT), clock, members, reset\n"
+                f"contracts: {base}/_sandbox/contracts/cloud.openapi.yaml, ziggy.openapi.yaml\n",
+                markup=False,
+                highlight=False,
+            )
+            if host not in ("127.0.0.1", "::1", "localhost"):
+                err.print(f"warning: anyone who can reach {host}:{server.port} can drive /_sandbox/", markup=False)
+            server.sandbox.listeners.append(show)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.Event().wait()
+
+    try:
+        run_async(main())
     except KeyboardInterrupt:
         out.print("stopped")
 

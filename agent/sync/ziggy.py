@@ -44,13 +44,15 @@ class ZiggyDestination:
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def _call(self, method: str, path: str, body: Any = None, key: str | None = None) -> Any:
+    async def _call(
+        self, method: str, path: str, body: Any = None, key: str | None = None, params: dict[str, str] | None = None
+    ) -> Any:
         headers = dict(self._headers)
         if key is not None:
             headers["Idempotency-Key"] = key
         try:
             response = await self._client.request(
-                method, self._base + path, json=body, headers=headers, timeout=TIMEOUT
+                method, self._base + path, json=body, params=params, headers=headers, timeout=TIMEOUT
             )
         except httpx.HTTPError as exc:
             raise network_error(exc) from exc
@@ -122,7 +124,7 @@ class ZiggyDestination:
         await self._remember(event, answer["session_id"], answer.get("checked_in_at"))
 
     async def _active_for(self, member_id: str, court_id: str) -> str | None:
-        answer = await self._call("GET", f"/access/sessions/active?user_id={member_id}")
+        answer = await self._call("GET", "/access/sessions/active", params={"user_id": member_id})
         sessions = (
             answer if isinstance(answer, list) else answer.get("sessions", []) if isinstance(answer, dict) else []
         )
