@@ -153,7 +153,10 @@ class _Worker:
         await self._pace.take(len(batch))
         try:
             results = await self.destination.send(batch)
-        except Transient as exc:
+        except Exception as exc:  # a bug in a destination must not stop the agent or the other destinations
+            if not isinstance(exc, Transient):
+                log.exception("outbox_destination_failed", destination=self.destination.name)
+                exc = Transient(f"{exc.__class__.__name__}: {exc}"[:200])
             self.breaker.failure()
             self._once.warning(
                 "outbox_retry",

@@ -70,6 +70,8 @@ class ZiggyDestination:
                 await self._deliver(event)
             except Permanent as exc:
                 out.append(Result(event.seq, Verdict.DEAD, exc.reason))
+            except (KeyError, TypeError, ValueError) as exc:  # an event without what Ziggy needs: never retried
+                out.append(Result(event.seq, Verdict.DEAD, f"malformed {event.type} event: {exc!r}"))
             else:
                 out.append(Result(event.seq, Verdict.DELIVERED))
         return out
