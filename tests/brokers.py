@@ -249,7 +249,30 @@ class MosquittoExited(RuntimeError):
     """mosquitto stopped before listening: a bad configuration, or a port taken since free_port picked it."""
 
 
-class Mosquitto:
+class _Lifecycle:
+    """start/stop as an async context manager, and restart: the same for both kinds of broker."""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+class Mosquitto(_Lifecycle):
     """A mosquitto process configured from scratch in `directory`; `async with` starts and stops it.
 
     Listeners: plain TCP on `port` (a free one by default), websockets when `websockets`, TLS when `tls`.
@@ -403,21 +426,13 @@ class Mosquitto:
             process.kill()
             await process.wait()
 
-    async def restart(self) -> None:
-        await self.stop()
-        await self.start()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
 
 
-class Embedded:
+class Embedded(_Lifecycle):
     """The agent's EmbeddedBroker on loopback with every listener, the test devices and persistence in `directory`.
 
     `restart()` leaves the EmbeddedBroker and enters a new one on the same state_path, on the same ports when
@@ -508,14 +523,6 @@ class Embedded:
         broker, self._broker = self._broker, None
         if broker is not None:
             await broker.__aexit__(None, None, None)
-
-    async def restart(self) -> None:
-        await self.stop()
-        await self.start()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

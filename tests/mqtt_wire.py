@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Self
+from typing import Any, Self
 
 MAX_REMAINING_LENGTH = 268_435_455  # the largest value the 4-byte variable length encoding can carry
 
@@ -291,33 +291,10 @@ class WireClient:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def connect(
-        cls,
-        host: str,
-        port: int,
-        *,
-        client_id: str,
-        username: str | None = None,
-        password: str | bytes | None = None,
-        clean_session: bool = True,
-        keepalive: int = 60,
-        will: Will | None = None,
-        ssl_context: ssl.SSLContext | None = None,
-        within: float = 5.0,
-    ) -> AsyncIterator[Self]:
-        """`open` as a context manager: a graceful DISCONNECT at exit unless the connection is already gone."""
-        client = await cls.open(
-            host,
-            port,
-            client_id=client_id,
-            username=username,
-            password=password,
-            clean_session=clean_session,
-            keepalive=keepalive,
-            will=will,
-            ssl_context=ssl_context,
-            within=within,
-        )
+    async def connect(cls, host: str, port: int, **options: Any) -> AsyncIterator[Self]:
+        """`open` (same options) as a context manager: a graceful DISCONNECT at exit unless the connection is
+        already gone."""
+        client = await cls.open(host, port, **options)
         try:
             yield client
         finally:
