@@ -9,10 +9,15 @@ client (`make test` runs the suite both ways). Tests of the embedded broker itse
 from __future__ import annotations
 
 import asyncio
+import functools
 import getpass
+import inspect
 import json
 import os
-from collections.abc import AsyncIterator, Callable
+import signal
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -55,7 +60,84 @@ AGENT_BROKER_PASSWORD = "agent-on-mosquitto-0123456789"
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
     """The tests run on the loop the agent runs on in production (agent/loop.py)."""
+    if os.environ.get("CLUB_AGENT_TEST_LOOP") == "asyncio":  # for debugging: stdlib tracebacks, SIGUSR1 dumps
+        return {"asyncio": asyncio.new_event_loop}
     return {"uvloop": uvloop.new_event_loop}
+
+
+# pytest-timeout's signal method cannot stop a test on uvloop: its SIGALRM handler runs inside a loop callback,
+# where the loop logs the exception and carries on. So an async test's body gets its own deadline here (a clean
+# failure of that one test), and pytest-timeout, with the thread method at a longer limit (pyproject), is the
+# backstop for a hang anywhere else: it prints every thread's stack and ends the run.
+TEST_BODY_DEADLINE_S = 90.0
+
+
+_test_loop: asyncio.AbstractEventLoop | None = None
+
+
+def _dump_tasks() -> None:
+    out = sys.__stderr__  # not pytest's capture
+    for task in asyncio.all_tasks():
+        print(f"--- {task!r}", file=out)
+        task.print_stack(file=out)
+
+
+def _dump_on_sigusr1() -> None:
+    """`kill -USR1 <pytest pid>` prints where every asyncio task of the running test is waiting. A thread waits
+    for the signal: uvloop, idle in epoll, would not run a Python signal handler."""
+    while True:
+        signal.sigwait({signal.SIGUSR1})
+        _request_dump("SIGUSR1")
+
+
+def _request_dump(why: str) -> None:
+    print(f"\n=== {why}; its asyncio tasks:", file=sys.__stderr__)
+    loop = _test_loop
+    if loop is not None and not loop.is_closed():
+        loop.call_soon_threadsafe(_dump_tasks)
+
+
+TEARDOWN_DUMP_AFTER_S = 30.0
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """A teardown that hangs prints where its tasks wait (before the thread backstop ends the run)."""
+    timer = threading.Timer(TEARDOWN_DUMP_AFTER_S, _request_dump, (f"teardown of {item.nodeid} still running",))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})  # threads started later inherit the mask
+threading.Thread(target=_dump_on_sigusr1, name="sigusr1-task-dump", daemon=True).start()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    if not isinstance(item, pytest.Function) or not inspect.iscoroutinefunction(item.obj):
+        return
+    body = item.obj
+    marker = item.get_closest_marker("deadline")
+    limit = float(marker.args[0]) if marker else TEST_BODY_DEADLINE_S
+
+    @functools.wraps(body)
+    async def bounded(*args: Any, **kwargs: Any) -> Any:
+        global _test_loop
+        _test_loop = asyncio.get_running_loop()
+        deadline = asyncio.timeout(limit)
+        try:
+            async with deadline:
+                return await body(*args, **kwargs)
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # the test's own TimeoutError
+        pytest.fail(f"{item.nodeid} ran longer than its {limit:.0f} s deadline", pytrace=False)
+
+    item.obj = bounded
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -192,30 +274,43 @@ async def premises_factory(tmp_path: Path) -> AsyncIterator[PremisesFactory]:
     """Start agents on demand (config overrides as keyword sections); all are stopped at teardown."""
     stack: list[Any] = []
 
+    running_agents: dict[int, Any] = {}
+
     async def start(
         *,
         records: list[MemberRecord] | None = None,
         clock: ManualClock | None = None,
         synced_at: datetime | None = T0,
+        restart: Premises | None = None,
         **overrides: Any,
     ) -> Premises:
-        data_dir = tmp_path / f"agent{len(stack)}"
-        if BROKER == "mosquitto":
-            overrides = _external(data_dir, overrides)
-        config = make_config(data_dir, **overrides)
-        if BROKER == "mosquitto":
-            stack.append(await site_mosquitto(config, data_dir / "mosquitto"))
-        await seed(config, records, synced_at)
-        clock = clock or ManualClock(T0)
+        """A new agent; with `restart`, that agent is stopped and a new one runs on its config and store."""
+        if restart is not None:
+            ctx = running_agents.pop(id(restart.agent), None)
+            if ctx is not None:
+                await ctx.__aexit__(None, None, None)
+            config, clock = restart.config, clock or restart.clock
+        else:
+            data_dir = tmp_path / f"agent{len(stack)}"
+            if BROKER == "mosquitto":
+                overrides = _external(data_dir, overrides)
+            config = make_config(data_dir, **overrides)
+            if BROKER == "mosquitto":
+                stack.append(await site_mosquitto(config, data_dir / "mosquitto"))
+            await seed(config, records, synced_at)
+            clock = clock or ManualClock(T0)
         agent = Agent(config, clock=clock)
         ctx = running(agent)
         await ctx.__aenter__()
-        stack.append(ctx)
+        running_agents[id(agent)] = ctx
+        stack.append(agent)
         return Premises(agent, config, clock)
 
     yield start
-    for ctx in reversed(stack):
-        await ctx.__aexit__(None, None, None)
+    for item in reversed(stack):
+        ctx = running_agents.pop(id(item), None) if isinstance(item, Agent) else item
+        if ctx is not None:
+            await ctx.__aexit__(None, None, None)
 
 
 def _external(data_dir: Path, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -224,7 +319,9 @@ def _external(data_dir: Path, overrides: dict[str, Any]) -> dict[str, Any]:
 
     data_dir.mkdir(parents=True, exist_ok=True)
     secrets = data_dir / "secrets.toml"
-    secrets.write_text(f'broker_password = "{AGENT_BROKER_PASSWORD}"\n')
+    given = overrides.get("agent", {}).get("secrets_file")  # a test's own secrets (the cloud's) are kept
+    kept = Path(given).read_text() if given else ""
+    secrets.write_text(kept + f'broker_password = "{AGENT_BROKER_PASSWORD}"\n')
     secrets.chmod(0o600)
     broker = {**overrides.get("broker", {}), "mode": "external", "external_port": free_port()}
     agent = {**overrides.get("agent", {}), "secrets_file": str(secrets)}
