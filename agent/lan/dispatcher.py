@@ -26,6 +26,7 @@ from ..config import Config
 from ..domain.model import Reason
 from ..errors import PayloadError
 from ..logs import OnceLogger, get_logger
+from ..loop import check_cancelled
 from ..metrics import Metrics
 from ..store.repo import iso
 from . import payloads, topics
@@ -110,6 +111,7 @@ class Dispatcher:
         backoff = BACKOFF_MIN_S
         will = aiomqtt.Will(topics.AGENT_STATUS, self._status("offline"), qos=1, retain=True)
         while True:
+            check_cancelled()
             try:
                 async with aiomqtt.Client(
                     host,
@@ -208,6 +210,7 @@ class Dispatcher:
 
     async def _court_publisher(self) -> None:
         while True:
+            check_cancelled()
             await self._courts_changed.wait()
             await asyncio.sleep(COURT_STATE_COALESCE_S)
             self._courts_changed.clear()
@@ -307,6 +310,7 @@ class Dispatcher:
 
     async def _worker(self) -> None:
         while True:
+            check_cancelled()
             job = await self._queue.get()
             self._metrics.queue_depth.set(self._queue.qsize())
             try:
