@@ -71,15 +71,23 @@ def conf_text(config: Config, directory: Path) -> str:
         f"acl_file {directory / 'acl'}",
         f"max_packet_size {b.max_packet_bytes}",
         f"max_queued_messages {b.max_queued_messages}",
-        "use_username_as_clientid true",
         "autosave_interval 30",
         "",
+        # use_username_as_clientid is a listener option: before any `listener` line it would make mosquitto
+        # open its default listener as well (port 1883 on every interface), so it follows each listener.
         f"listener {b.external_port}{host}",
+        "use_username_as_clientid true",
     ]
     if b.ws_port:
-        lines += ["", f"listener {b.ws_port}{host}", "protocol websockets"]
+        lines += ["", f"listener {b.ws_port}{host}", "protocol websockets", "use_username_as_clientid true"]
     if b.tls_port:
-        lines += ["", f"listener {b.tls_port}{host}", f"certfile {b.tls_cert}", f"keyfile {b.tls_key}"]
+        lines += [
+            "",
+            f"listener {b.tls_port}{host}",
+            f"certfile {b.tls_cert}",
+            f"keyfile {b.tls_key}",
+            "use_username_as_clientid true",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -88,6 +89,9 @@ async def test_devices_log_in_and_stay_inside_their_access_list_on_mosquitto(tmp
     site = await site_mosquitto(config, tmp_path / "mq")
     host, port = "127.0.0.1", config.broker.external_port
     try:
+        # only the configured listener: a listener option before it would add mosquitto's default one on 1883
+        opened = re.findall(r"Opening ipv[46] listen socket on port (\d+)", site.log_text())
+        assert set(opened) == {str(port)}
         refused = await WireClient.open(host, port, client_id="r1", username="r1", password="wrong-password")
         assert refused.connack.return_code in (4, 5)
         refused.abort()
