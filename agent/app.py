@@ -31,8 +31,12 @@ from .metrics import Metrics
 from .store.db import Database
 from .sync.cloud import CloudDestination
 from .sync.delivery import Destination
+from .sync.members import MemberSync
 from .sync.outbox import Outbox
+from .sync.retention import Retention
 from .sync.ziggy import ZiggyDestination
+from .web.health import IntegrationHealth
+from .web.pull import PullFeedApi
 from .web.server import make_app
 
 log = get_logger("agent.app")
@@ -95,6 +99,8 @@ class Agent:
         self.service: AccessService | None = None
         self.dispatcher: Dispatcher | None = None
         self.outbox: Outbox | None = None
+        self.retention: Retention | None = None
+        self.member_sync: MemberSync | None = None
         # The agent's own account on the embedded broker: a fresh random password each start, never written.
         self._agent_password = secrets.token_urlsafe(24)
 
@@ -148,16 +154,40 @@ class Agent:
         self.presence.on_change = dispatcher.presence_changed
         self.service, self.dispatcher = service, dispatcher
         runner = await self._start_web(db)
-        outbox = Outbox(db, self._destinations(db))
+        sync = cfg.sync
+        outbox = Outbox(
+            db,
+            self._destinations(db),
+            replay_per_s=sync.replay_per_s,
+            backoff_base_s=sync.backoff_base_s,
+            backoff_cap_s=sync.backoff_cap_s,
+            breaker_failures=sync.breaker_failures,
+            breaker_open_s=sync.breaker_open_s,
+        )
         db.on_commit.append(outbox.notify)
         self.outbox = outbox
+        self.retention = retention = Retention(
+            db,
+            retention_s=sync.retention_days * 86400,
+            require_ack=cfg.secrets.cloud_pull_token is not None,
+            batch=sync.prune_batch,
+            interval_s=sync.prune_interval_s,
+            now_ms=self._now_ms,
+            on_pruned=self.metrics.events_pruned.inc,
+        )
+        self.member_sync = member_sync = self._member_sync(db)
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(dispatcher.run(host, port, AGENT_USERNAME, password, tls))
                 tg.create_task(outbox.run())
+                tg.create_task(retention.run())
                 tg.create_task(self._sweeper(service, dispatcher))
                 tg.create_task(self._announce_ready(dispatcher))
+                if member_sync is not None:
+                    tg.create_task(member_sync.run_periodically())
         finally:
+            if member_sync is not None:
+                await member_sync.aclose()
             await dispatcher.announce_offline()
             if runner is not None:
                 await runner.cleanup()
@@ -191,6 +221,13 @@ class Agent:
                 )
         return out
 
+    def _member_sync(self, db: Database) -> MemberSync | None:
+        """Periodic member sync, when the cloud destination is enabled with its secrets (else reported above)."""
+        cfg = self.config
+        if "cloud" not in cfg.destinations or cfg.secrets.cloud_client_secret is None:
+            return None
+        return MemberSync.from_config(cfg, db, wall=self.clock.wall, metrics=self.metrics)
+
     async def _start_web(self, db: Database) -> web.AppRunner | None:
         if not self.config.api.enabled:
             return None
@@ -201,7 +238,17 @@ class Agent:
                 checks["broker"] = self.broker.client_count > 0
             return checks
 
-        runner = web.AppRunner(make_app(self.metrics, readiness), access_log=None)
+        token = self.config.secrets.cloud_pull_token
+        pull = PullFeedApi(db, token.get_secret_value() if token else None, self.metrics, self._now_ms)
+        health = IntegrationHealth(
+            db,
+            self.config.destinations,
+            lambda: self.outbox.statuses() if self.outbox is not None else {},
+            self._now_ms,
+            feed_configured=token is not None,
+        )
+        app = make_app(self.metrics, readiness, pull=pull, health=health)
+        runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.config.api.host, self.config.api.port)
         await site.start()
@@ -209,6 +256,9 @@ class Agent:
         sockets = getattr(server, "sockets", None) or []
         self.api_port = int(sockets[0].getsockname()[1]) if sockets else self.config.api.port
         return runner
+
+    def _now_ms(self) -> int:
+        return int(self.clock.wall().timestamp() * 1000)
 
     async def _announce_ready(self, dispatcher: Dispatcher) -> None:
         await dispatcher.connected.wait()

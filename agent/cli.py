@@ -1,5 +1,5 @@
 """`club-agent`: run, demo, sandbox, config check, members import/show, devices hash-password,
-broker export-mosquitto, store recover.
+broker export-mosquitto, store recover, outbox status/dead/requeue/purge/audit.
 
 Exit codes: 0 ok, 2 usage or configuration error, 1 runtime failure. Errors are one clear line; `--debug`
 shows the traceback.
@@ -12,9 +12,10 @@ import contextlib
 import getpass
 import secrets
 import sys
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -54,6 +55,7 @@ err = Console(stderr=True, soft_wrap=True)
 _debug = False
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Agent config file (TOML).")]
+T = TypeVar("T")
 
 
 @app.callback()
@@ -66,6 +68,24 @@ def _root(
     if version:
         out.print(f"club-agent {__version__}")
         raise typer.Exit(0)
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Our errors become one line and an exit code (2: the configuration, 1: anything else); --debug shows
+    them whole."""
+    try:
+        yield
+    except ConfigError as exc:
+        if _debug:
+            raise
+        err.print(Text.assemble(("config error", "red"), f": {exc}"), highlight=False)
+        raise typer.Exit(2) from None
+    except AgentError as exc:
+        if _debug:
+            raise
+        err.print(Text.assemble(("error", "red"), f": {exc}"), highlight=False)
+        raise typer.Exit(1) from None
 
 
 def _load(path: Path) -> Config:
@@ -287,6 +307,71 @@ def members_show(
         raise typer.Exit(code)
 
 
+@members_app.command("sync")
+def members_sync(
+    config: ConfigOpt = DEFAULT_CONFIG_PATH,
+    full: Annotated[
+        bool, typer.Option("--full", help="Pull the whole list, not only changes; members not in it are removed.")
+    ] = False,
+) -> None:
+    """Pull member changes from the club cloud now; applied in one transaction (a failure keeps the list)."""
+    from .sync.members import MemberSync
+
+    configure(json=False, level="debug" if _debug else "warning")  # skipped records are warned about
+
+    async def main(cfg: Config) -> str:
+        # No integrity scan: the running agent did one at its start, and this may run beside it (WAL).
+        async with Database(cfg.db_path, check=False) as db:
+            sync = MemberSync.from_config(cfg, db)
+            try:
+                with Progress(
+                    TextColumn("syncing members"),
+                    BarColumn(),
+                    TextColumn("{task.completed:,} received"),
+                    TimeElapsedColumn(),
+                    console=err,
+                    transient=True,
+                    disable=not err.is_terminal,  # a pipe or a log gets the summary line alone
+                ) as progress:
+                    task = progress.add_task("sync", total=None)
+                    result = await sync.run(full=full, progress=lambda n: progress.update(task, completed=n))
+            finally:
+                await sync.aclose()
+        return result.summary()
+
+    with _one_line_errors():
+        summary = run_async(main(_load(config)))
+    out.print(Text.assemble(("synced", "green"), f" {summary}"), highlight=False)
+
+
+@members_app.command("status")
+def members_status(config: ConfigOpt = DEFAULT_CONFIG_PATH) -> None:
+    """The member list decisions use: version, source, size, last sync, cursor age, last sync error."""
+    from .sync.members import sync_status
+
+    cfg, s = _outbox(config, lambda cfg, db: sync_status(db))
+    now = _now_ms()
+    table = Table(show_header=False, box=None)
+    table.add_row("version", str(s.version))
+    table.add_row("source", Text(s.source))
+    table.add_row("members", f"{s.members:,}")
+    synced = "never" if s.synced_at is None else f"{_when(cfg, s.synced_at)} ({_ago(s.synced_at, now)})"
+    table.add_row("last sync", synced)
+    if s.cursor is None:
+        cursor = "none: the next sync pulls the whole list"
+    elif not s.cursor_current:
+        cursor = "stale (the list was changed by other means since): the next sync pulls the whole list"
+    else:
+        cursor = f"age {_age(now - (s.cursor_at or now))}"
+    table.add_row("cursor", cursor)
+    table.add_row("last attempt", _ago(s.last_attempt_at, now))
+    if s.last_error is not None and (s.last_success_at or 0) <= (s.last_error_at or 0):
+        table.add_row("last error", Text(f"{_ago(s.last_error_at, now)}: {s.last_error}", style="red"))
+    entries = "entry" if s.pending_ledger == 1 else "entries"
+    table.add_row("credit ledger", f"{s.pending_ledger} {entries} awaiting the cloud's confirmation")
+    out.print(table)
+
+
 @devices_app.command("hash-password")
 def devices_hash_password(
     generate: Annotated[bool, typer.Option(help="Generate a random password and print it with its hash.")] = False,
@@ -341,20 +426,259 @@ def store_recover(config: ConfigOpt = DEFAULT_CONFIG_PATH) -> None:
         out.print(f"{table:<16} {result}", markup=False)
 
 
+# -- outbox ----------------------------------------------------------------------------------------------------
+
+outbox_app = typer.Typer(no_args_is_help=True, help="The outbox: delivery state, dead letters, operator actions.")
+app.add_typer(outbox_app, name="outbox")
+
+DestinationOpt = Annotated[
+    str | None, typer.Option("--destination", "-d", help="Only this destination (ziggy, cloud); default: all.")
+]
+SeqsArg = Annotated[list[int] | None, typer.Argument(help="Seqs of dead letters (see 'outbox dead').")]
+AllOpt = Annotated[bool, typer.Option("--all", help="Every dead letter (of --destination, or of all).")]
+
+
+def _outbox(config: Path, work: Callable[[Config, Database], Awaitable[T]]) -> tuple[Config, T]:
+    """Run `work` on the agent's database, opened beside a running agent (WAL; no integrity scan, which would
+    read the whole file); our errors become one line and an exit code here, so that the commands say the same
+    through `main` and through typer's test runner."""
+
+    async def main() -> T:
+        path = cfg.db_path
+        if not path.exists():
+            raise AgentError(f"no database at {path}: has the agent run with this config (agent.data_dir)?")
+        async with Database(path, check=False) as db:
+            return await work(cfg, db)
+
+    with _one_line_errors():
+        cfg = _load(config)
+        return cfg, run_async(main())
+
+
+def _usage(message: str) -> typer.Exit:
+    err.print(Text.assemble(("usage error", "red"), f": {message}"), highlight=False)
+    return typer.Exit(2)
+
+
+def _age(ms: float) -> str:
+    s = max(0, int(ms // 1000))
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}m {s % 60:02d}s"
+    if s < 172800:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
+
+
+def _now_ms() -> int:
+    return int(datetime.now(UTC).timestamp() * 1000)
+
+
+def _when(cfg: Config, ms: int | None) -> str:
+    """A stored time in the club's time zone."""
+    if ms is None:
+        return "never"
+    return f"{datetime.fromtimestamp(ms / 1000, UTC).astimezone(cfg.domain_policy().timezone):%Y-%m-%d %H:%M:%S}"
+
+
+def _ago(ms: int | None, now_ms: int) -> str:
+    return "never" if ms is None else f"{_age(now_ms - ms)} ago"
+
+
+def _table(*columns: str) -> Table:
+    """Short cells never wrap; the last column (an error, a reason) takes what the terminal has left."""
+    from rich import box
+
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    numbers = ("seq", "pending", "dead", "attempts")
+    for column in columns[:-1]:
+        table.add_column(column, justify="right" if column in numbers else "left", no_wrap=True)
+    table.add_column(columns[-1], overflow="fold", ratio=1)
+    return table
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
+@outbox_app.command("status")
+def outbox_status(config: ConfigOpt = DEFAULT_CONFIG_PATH) -> None:
+    """Per destination: pending, dead letters, oldest pending, last success and error, breaker; the pull feed."""
+    from .sync import feed, retention, status
+
+    async def work(cfg: Config, db: Database) -> tuple[Any, ...]:
+        names = sorted(set(cfg.destinations) | set(await status.known_destinations(db)))
+        pruned = await repo.get_kv(db, retention.PRUNED_TOTAL_KEY)
+        pruned_at = await repo.get_kv(db, retention.PRUNED_AT_KEY)
+        return await status.destination_states(db, names), await feed.state(db), pruned, pruned_at
+
+    cfg, (states, feed_state, pruned, pruned_at) = _outbox(config, work)
+    now = _now_ms()
+    table = _table("destination", "pending", "dead", "oldest", "last ok", "breaker", "last error")
+    errors = []
+    for s in states:
+        name = s.destination if s.destination in cfg.destinations else f"{s.destination} (disabled)"
+        table.add_row(
+            Text(name),
+            str(s.pending),
+            Text(str(s.dead), style="red" if s.dead else ""),
+            "-" if s.oldest_pending_ms is None else _age(now - s.oldest_pending_ms),
+            _ago(s.last_success_ms, now),
+            Text(s.breaker or "-", style="" if s.breaker in (None, "closed") else "red"),
+            "-" if s.last_error is None else _ago(s.last_error_ms, now),
+        )
+        if s.last_error is not None:  # below the table: an error text needs the whole width
+            errors.append(f"{s.destination} last error ({_when(cfg, s.last_error_ms)}): {s.last_error}")
+    if states:
+        out.print(table)
+    else:
+        out.print("outbox: no destination configured and no delivery rows")
+    for line in errors:
+        out.print(line, markup=False, highlight=False)
+    if cfg.secrets.cloud_pull_token is None:
+        out.print("pull feed: not configured (no cloud_pull_token); retention does not wait for its acks")
+    else:
+        out.print(
+            f"pull feed: acked seq {feed_state.acked_upto} of {feed_state.newest_seq} "
+            f"(lag {_n(feed_state.lag, 'event')}), last ack {_ago(feed_state.acked_at_ms, now)}",
+            markup=False,
+        )
+    last = _ago(None if pruned_at is None else int(pruned_at), now)
+    out.print(
+        f"retention: {cfg.sync.retention_days:g} days; {_n(int(pruned or 0), 'event')} pruned, last {last}",
+        markup=False,
+    )
+
+
+@outbox_app.command("dead")
+def outbox_dead(
+    destination: DestinationOpt = None,
+    limit: Annotated[int, typer.Option(help="Show at most this many.", min=1, max=100_000)] = 50,
+    config: ConfigOpt = DEFAULT_CONFIG_PATH,
+) -> None:
+    """List dead letters: events a destination refused for good, with the reason."""
+    from .sync import operator, status
+
+    async def work(cfg: Config, db: Database) -> tuple[list[status.DeadLetter], int]:
+        names = await operator.check_destination(db, destination, cfg.destinations)
+        total = sum(s.dead for s in await status.destination_states(db, names))
+        return await status.dead_letters(db, destination, limit), total
+
+    cfg, (letters, total) = _outbox(config, work)
+    where = f" on {destination}" if destination else ""
+    if not letters:
+        out.print(f"no dead letters{where}", markup=False)
+        return
+    table = _table("seq", "destination", "event", "occurred", "attempts", "reason")
+    for d in letters:
+        table.add_row(
+            str(d.seq),
+            Text(d.destination),
+            Text(d.type),
+            _when(cfg, d.occurred_at_ms),
+            str(d.attempts),
+            Text(d.reason or "-"),
+        )
+    out.print(table)
+    more = f"; showing the first {len(letters)} (--limit)" if total > len(letters) else ""
+    out.print(f"{_n(total, 'dead letter')}{where}{more}", markup=False)
+
+
+def _selection(seqs: list[int] | None, all_: bool) -> list[int] | None:
+    if all_ and seqs:
+        raise _usage("give seqs or --all, not both")
+    if not all_ and not seqs:
+        raise _usage("give the seqs of dead letters (see 'club-agent outbox dead'), or --all")
+    if seqs and min(seqs) < 1:
+        raise _usage("seqs are positive integers")
+    return None if all_ else seqs
+
+
+def _dead_action(action: Any, config: Path, destination: str | None, seqs: list[int] | None) -> dict[str, int]:
+    from .sync import operator
+
+    async def work(cfg: Config, db: Database) -> dict[str, int]:
+        names = await operator.check_destination(db, destination, cfg.destinations)
+        return await operator.apply(db, action, names, seqs, who=operator.actor(), now_ms=_now_ms())
+
+    return _outbox(config, work)[1]
+
+
+def _done(verb: str, done: dict[str, int]) -> str:
+    if not done:
+        return "no dead letters: nothing changed"
+    per = ", ".join(f"{name} {n}" for name, n in done.items())
+    return f"{verb} {_n(sum(done.values()), 'dead letter')} ({per})"
+
+
+@outbox_app.command("requeue")
+def outbox_requeue(
+    seqs: SeqsArg = None,
+    all_: AllOpt = False,
+    destination: DestinationOpt = None,
+    config: ConfigOpt = DEFAULT_CONFIG_PATH,
+) -> None:
+    """Send dead letters again: dead -> pending, attempts reset. A running agent picks them up within 30 s."""
+    selected = _selection(seqs, all_)
+    done = _dead_action("requeue", config, destination, selected)
+    out.print(_done("requeued", done) + ("; the agent sends them within 30 s" if done else ""), markup=False)
+
+
+@outbox_app.command("purge")
+def outbox_purge(
+    seqs: SeqsArg = None,
+    all_: AllOpt = False,
+    destination: DestinationOpt = None,
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Confirm: those destinations will never get these events.")
+    ] = False,
+    config: ConfigOpt = DEFAULT_CONFIG_PATH,
+) -> None:
+    """Give up on dead letters: their delivery rows are deleted (the events stay in the log), and it is audited."""
+    selected = _selection(seqs, all_)
+    if not yes:
+        raise _usage("purge gives up on delivering these events to the destination for good: add --yes")
+    out.print(_done("purged", _dead_action("purge", config, destination, selected)), markup=False)
+
+
+@outbox_app.command("audit")
+def outbox_audit(
+    limit: Annotated[int, typer.Option(help="Show the newest this many.", min=1, max=100_000)] = 50,
+    config: ConfigOpt = DEFAULT_CONFIG_PATH,
+) -> None:
+    """Every requeue and purge: when, who, what."""
+    import json
+
+    from .sync import operator
+
+    async def work(cfg: Config, db: Database) -> list[operator.AuditEntry]:
+        return await operator.audit_log(db, limit)
+
+    cfg, entries = _outbox(config, work)
+    if not entries:
+        out.print("no operator actions recorded")
+        return
+    table = _table("when", "actor", "action", "destination", "what")
+    for e in entries:
+        try:
+            detail = json.loads(e.detail)
+            what = f"{detail['count']} ({detail['seqs']})"
+            if detail.get("reasons"):
+                what += ": " + "; ".join(f"{reason or '-'} x{n}" for reason, n in detail["reasons"].items())
+        except (ValueError, KeyError, TypeError):
+            what = e.detail
+        table.add_row(_when(cfg, e.at_ms), Text(e.actor), e.action, Text(e.destination or "-"), Text(what))
+    out.print(table)
+
+
 def main() -> None:
     """Entry point: typer handles usage errors (exit 2); our errors become one line."""
     try:
-        app()
-    except ConfigError as exc:
-        if _debug:
-            raise
-        err.print(Text.assemble(("config error", "red"), f": {exc}"), highlight=False)
-        sys.exit(2)
-    except AgentError as exc:
-        if _debug:
-            raise
-        err.print(Text.assemble(("error", "red"), f": {exc}"), highlight=False)
-        sys.exit(1)
+        with _one_line_errors():
+            app()
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

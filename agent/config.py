@@ -162,6 +162,31 @@ class ApiSection(_Model):
     enabled: bool = True
 
 
+class SyncSection(_Model):
+    """The outbox's pace and the event log's retention (DESIGN 3)."""
+
+    # An event is pruned once every destination has it (delivered or dead), the pull feed acked it (when
+    # configured), its session is closed, and it is older than this.
+    retention_days: float = Field(default=30, ge=0, le=3650)
+    prune_interval_s: float = Field(default=300, ge=1, le=86400)
+    prune_batch: int = Field(default=200, ge=1, le=10_000)  # events per delete transaction: a tap waits one at most
+    replay_per_s: float = Field(default=500, gt=0, le=100_000)  # backlog replay rate after an outage, per destination
+    backoff_base_s: float = Field(default=1, gt=0, le=3600)
+    backoff_cap_s: float = Field(default=300, gt=0, le=86400)
+    # A destination that failed this many calls in a row is left alone this long, then probed (reference doc).
+    breaker_failures: int = Field(default=5, ge=1, le=1000)
+    breaker_open_s: float = Field(default=60, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _backoff(self) -> SyncSection:
+        if self.backoff_cap_s < self.backoff_base_s:
+            raise KeyedError(
+                "sync.backoff_cap_s",
+                f"sync.backoff_cap_s = {self.backoff_cap_s:g} is below sync.backoff_base_s = {self.backoff_base_s:g}",
+            )
+        return self
+
+
 class PolicySection(_Model):
     debounce_s: float = Field(default=3.0, ge=0, le=60)
     second_tap: SecondTap = SecondTap.CHECKOUT
@@ -235,6 +260,10 @@ class CloudSection(_Model):
     token_url: str
     client_id: str
     enabled: bool = True
+    # Member sync (agent/sync/members.py): how often the agent pulls the member feed, and its page size
+    # (the contract allows at most 5000 per page).
+    members_sync_interval_s: float = Field(default=300.0, ge=1.0, le=86_400.0)
+    members_page_limit: int = Field(default=5000, ge=1, le=5000)
 
 
 class Secrets(_Model):
@@ -245,6 +274,8 @@ class Secrets(_Model):
     cloud_signing_secret: SecretStr | None = None
     api_tokens: dict[str, SecretStr] = Field(default_factory=dict)
     broker_password: SecretStr | None = None  # the agent's account on an external broker
+    # The cloud's bearer token for the pull feed (/api/v1/sync/...); unset: the feed answers 503.
+    cloud_pull_token: SecretStr | None = Field(default=None, min_length=16)
 
 
 class Config(_Model):
@@ -256,6 +287,7 @@ class Config(_Model):
     devices: list[DeviceConfig] = Field(default_factory=list)
     ziggy: ZiggySection | None = None
     cloud: CloudSection | None = None
+    sync: SyncSection = SyncSection()
     secrets: Secrets = Secrets()
 
     @model_validator(mode="after")

@@ -23,11 +23,24 @@ class Metrics:
         )
         self.sessions = Counter("sessions_total", "Sessions opened and closed", ["change", "reason"], registry=r)
         self.highlights = Counter("highlights_total", "Highlight button presses", ["status"], registry=r)
+        self.clock_corrections = Counter(
+            "clock_corrections_total", "Events re-stamped once the clock synced", registry=r
+        )
+        self.consumption = Counter("consumption_orders_total", "Bar orders answered", ["status"], registry=r)
         self.heartbeats = Counter("heartbeats_total", "Device heartbeats received", ["kind"], registry=r)
         self.store_errors = Counter("store_errors_total", "Writes the store refused", ["doing"], registry=r)
         self.members_cached = Gauge("members_cached", "Members in the local cache", registry=r)
+        self.member_syncs = Counter(
+            "member_syncs_total", "Member sync runs from the cloud (ok, failed, superseded)", ["result"], registry=r
+        )
+        self.member_sync_records = Counter(
+            "member_sync_records_total", "Records of applied member syncs", ["kind"], registry=r
+        )
         self.mqtt_connected = Gauge("mqtt_connected", "The agent's own MQTT client is connected", registry=r)
         self.queue_depth = Gauge("decision_queue_depth", "Messages waiting for the decision worker", registry=r)
+        self.events_pruned = Counter("events_pruned_total", "Events pruned from the log by retention", registry=r)
+        self.pull_feed_events = Counter("pull_feed_events_total", "Events served by the cloud's pull feed", registry=r)
+        self.pull_feed_acked = Gauge("pull_feed_acked_seq", "Highest seq the cloud acknowledged", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -13,7 +13,8 @@ import hmac
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 import httpx
 
@@ -75,18 +76,15 @@ class TokenSource:
         self._renew_at = self._clock() + max(lifetime - RENEW_BEFORE_S, lifetime / 2)
 
 
-class CloudDestination:
-    """Delivers events to POST /edge/events in signed batches; per-event accept/duplicate/reject."""
-
-    name = "cloud"
-    batch_size = EVENTS_BATCH
+class CloudClient:
+    """Calls to the club cloud with a bearer token (renewed once on 401) and, when there is a body, its
+    signature. Shared by the event destination and member sync, so both speak to the cloud one way."""
 
     def __init__(
         self,
         section: CloudSection,
         client_secret: str,
         signing_secret: str,
-        device_id: str,
         client: httpx.AsyncClient | None = None,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -94,14 +92,21 @@ class CloudDestination:
         self._client = client or httpx.AsyncClient()
         self._tokens = TokenSource(self._client, section.token_url, section.client_id, client_secret)
         self._secret = signing_secret.encode()
-        self._device_id = device_id
         self._wall = wall
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
     async def request(self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
-        """A call to the cloud with a token (renewed once on 401) and, when there is a body, its signature."""
+        """The decoded answer; Transient, Permanent (delivery.judge) or a network error as Transient."""
         data = json.dumps(body, separators=(",", ":")).encode() if body is not None else b""
         for attempt in (1, 2):
             token = await self._tokens.token(renew=attempt == 2)
@@ -125,6 +130,32 @@ class CloudDestination:
                 if attempt == 2:
                     raise Transient(f"cloud refused a fresh token: {exc}") from exc
         raise AssertionError("unreachable")
+
+
+class CloudDestination:
+    """Delivers events to POST /edge/events in signed batches; per-event accept/duplicate/reject."""
+
+    name = "cloud"
+    batch_size = EVENTS_BATCH
+
+    def __init__(
+        self,
+        section: CloudSection,
+        client_secret: str,
+        signing_secret: str,
+        device_id: str,
+        client: httpx.AsyncClient | None = None,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._cloud = CloudClient(section, client_secret, signing_secret, client, wall)
+        self._device_id = device_id
+
+    async def aclose(self) -> None:
+        await self._cloud.aclose()
+
+    async def request(self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
+        """A call to the cloud with a token (renewed once on 401) and, when there is a body, its signature."""
+        return await self._cloud.request(method, path, body, params)
 
     async def send(self, events: list[OutboxEvent]) -> list[Result]:
         answer = await self.request(

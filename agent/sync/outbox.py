@@ -18,13 +18,16 @@ import asyncio
 import contextlib
 import json
 import random
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import StoreError
 from ..logs import OnceLogger, get_logger
+from ..loop import check_cancelled
 from ..store.db import Database
 from .breaker import CircuitBreaker
 from .delivery import Destination, OutboxEvent, Result, Transient, Verdict
@@ -35,17 +38,22 @@ BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 300.0
 REPLAY_PER_S = 500.0
 IDLE_MAX_S = 30.0
+LATENCY_WINDOW = 20  # calls remembered per destination for the median latency
 
 _COLUMNS = (
     "d.seq, e.event_id, e.type, e.occurred_at, e.mono_ns, e.boot_id, e.clock_synced, e.session_id, e.device_id,"
     " e.data, d.attempts, d.first_attempt_at"
 )
+# The session checks walk a session's own earlier events (events_by_session), then look each up by primary
+# key: CROSS JOIN pins that order. Left to the planner, SQLite walked every earlier delivery of the destination
+# per candidate, O(backlog) per row: 7 s per query at 100k pending, a 1M backlog drained at 3 events/s.
+#
 # Due, and nothing of the same session before it that is still waiting for a retry.
 _DUE_RELAXED = f"""
 SELECT {_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.seq
 WHERE d.destination = ? AND d.state = 'pending' AND d.next_attempt_at <= ?
   AND (e.session_id IS NULL OR NOT EXISTS (
-        SELECT 1 FROM events e2 JOIN deliveries d2 ON d2.seq = e2.seq AND d2.destination = ?
+        SELECT 1 FROM events e2 CROSS JOIN deliveries d2 ON d2.seq = e2.seq AND d2.destination = ?
         WHERE e2.session_id = e.session_id AND e2.seq < e.seq AND d2.state = 'pending'
           AND d2.next_attempt_at > ?))
 ORDER BY d.seq LIMIT ?
@@ -55,7 +63,7 @@ _DUE_FRESH = f"""
 SELECT {_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.seq
 WHERE d.destination = ? AND d.state = 'pending' AND d.next_attempt_at <= ?
   AND (e.session_id IS NULL OR NOT EXISTS (
-        SELECT 1 FROM events e2 JOIN deliveries d2 ON d2.seq = e2.seq AND d2.destination = ?
+        SELECT 1 FROM events e2 CROSS JOIN deliveries d2 ON d2.seq = e2.seq AND d2.destination = ?
         WHERE e2.session_id = e.session_id AND e2.seq < e.seq AND d2.state = 'pending'))
 ORDER BY d.seq DESC LIMIT ?
 """  # noqa: S608
@@ -63,10 +71,34 @@ ORDER BY d.seq DESC LIMIT ?
 
 @dataclass
 class WorkerStatus:
+    """What a worker knows of its destination, in memory: the health endpoint's live half."""
+
     destination: str
     breaker: str
     last_success_ms: int | None = None
     last_error: str | None = None
+    last_error_ms: int | None = None
+    last_call_ms: int | None = None  # wall time when the last call to the destination ended
+    last_call_ok: bool | None = None  # None: no call yet
+    consecutive_failures: int = 0
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+
+    def called(self, ok: bool, seconds: float, now_ms: int, error: str | None = None) -> None:
+        """One call to `destination.send` ended: whole-call success or failure, and how long it took."""
+        self.latencies_ms.append(seconds * 1000)
+        self.last_call_ms = now_ms
+        self.last_call_ok = ok
+        self.consecutive_failures = 0 if ok else self.consecutive_failures + 1
+        if not ok:
+            self.last_error, self.last_error_ms = error, now_ms
+
+    @property
+    def last_latency_ms(self) -> float | None:
+        return self.latencies_ms[-1] if self.latencies_ms else None
+
+    @property
+    def median_latency_ms(self) -> float | None:
+        return statistics.median(self.latencies_ms) if self.latencies_ms else None
 
 
 class _Pace:
@@ -95,13 +127,28 @@ class Outbox:
         replay_per_s: float = REPLAY_PER_S,
         backoff_base_s: float = BACKOFF_BASE_S,
         backoff_cap_s: float = BACKOFF_CAP_S,
+        breaker_failures: int = 5,
+        breaker_open_s: float = 60.0,
     ) -> None:
         self._db = db
         self._wall_ms = wall_ms
         self.workers = [
-            _Worker(self, d, replay_per_s=replay_per_s, base_s=backoff_base_s, cap_s=backoff_cap_s)
+            _Worker(
+                self,
+                d,
+                replay_per_s=replay_per_s,
+                base_s=backoff_base_s,
+                cap_s=backoff_cap_s,
+                breaker=CircuitBreaker(breaker_failures, breaker_open_s),
+            )
             for d in destinations
         ]
+
+    def statuses(self) -> dict[str, WorkerStatus]:
+        """Each worker's status by destination, its breaker as it stands now."""
+        for worker in self.workers:
+            worker.status.breaker = worker.breaker.state.value
+        return {worker.destination.name: worker.status for worker in self.workers}
 
     def notify(self) -> None:
         """New delivery rows were committed."""
@@ -119,10 +166,19 @@ class Outbox:
 
 
 class _Worker:
-    def __init__(self, outbox: Outbox, destination: Destination, *, replay_per_s: float, base_s: float, cap_s: float):
+    def __init__(
+        self,
+        outbox: Outbox,
+        destination: Destination,
+        *,
+        replay_per_s: float,
+        base_s: float,
+        cap_s: float,
+        breaker: CircuitBreaker,
+    ):
         self.outbox = outbox
         self.destination = destination
-        self.breaker = CircuitBreaker()
+        self.breaker = breaker
         self.wake = asyncio.Event()
         self.status = WorkerStatus(destination.name, self.breaker.state.value)
         self._pace = _Pace(replay_per_s, max(replay_per_s, destination.batch_size * 2))
@@ -136,6 +192,7 @@ class _Worker:
 
     async def run(self) -> None:
         while True:
+            check_cancelled()  # _sleep's wait_for can swallow a cancel (see agent/loop.py)
             try:
                 await self._round()
             except StoreError as exc:  # a full or read-only disk: say so, wait, try again
@@ -151,12 +208,14 @@ class _Worker:
             await self._idle()
             return
         await self._pace.take(len(batch))
+        started = time.perf_counter()
         try:
             results = await self.destination.send(batch)
         except Exception as exc:  # a bug in a destination must not stop the agent or the other destinations
             if not isinstance(exc, Transient):
                 log.exception("outbox_destination_failed", destination=self.destination.name)
                 exc = Transient(f"{exc.__class__.__name__}: {exc}"[:200])
+            self.status.called(False, time.perf_counter() - started, self.outbox._wall_ms(), exc.reason)
             self.breaker.failure()
             self._once.warning(
                 "outbox_retry",
@@ -167,6 +226,7 @@ class _Worker:
             )
             await self._record(batch, [Result(e.seq, Verdict.RETRY, exc.reason) for e in batch], exc.retry_after_s)
             return
+        self.status.called(True, time.perf_counter() - started, self.outbox._wall_ms())
         self.breaker.success()
         await self._record(batch, results, None)
 
@@ -234,7 +294,7 @@ class _Worker:
         if delivered:
             self.status.last_success_ms = now
         if failed:
-            self.status.last_error = failed
+            self.status.last_error, self.status.last_error_ms = failed, now
 
     async def _idle(self) -> None:
         """Sleep until the earliest retry is due or new rows are committed (never only the latter)."""

@@ -1,1 +1,1 @@
-"""aiohttp: health, metrics (and later the tablet pages, local REST API and pull feed)."""
+"""aiohttp: health, metrics, integration health, the cloud's pull feed (later: tablet pages, local REST API)."""

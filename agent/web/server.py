@@ -1,4 +1,10 @@
-"""The local HTTP server: liveness, readiness and Prometheus metrics."""
+"""The local HTTP server: liveness, readiness, Prometheus metrics, integration health and the cloud's pull feed.
+
+| route | who may call it |
+|---|---|
+| GET /healthz, /readyz, /metrics, /api/v1/health/integrations | anyone who reaches the port (no secrets in them) |
+| GET /api/v1/sync/changes, POST /api/v1/sync/ack | the club cloud only: Bearer cloud_pull_token (web/pull.py) |
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,17 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..metrics import Metrics
+from .health import IntegrationHealth
+from .pull import PullFeedApi
 
 
-def make_app(metrics: Metrics, readiness: Callable[[], dict[str, bool]]) -> web.Application:
+def make_app(
+    metrics: Metrics,
+    readiness: Callable[[], dict[str, bool]],
+    *,
+    pull: PullFeedApi | None = None,
+    health: IntegrationHealth | None = None,
+) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
 
@@ -26,4 +40,8 @@ def make_app(metrics: Metrics, readiness: Callable[[], dict[str, bool]]) -> web.
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
+    if health is not None:
+        app.router.add_get("/api/v1/health/integrations", health.view)
+    if pull is not None:
+        app.router.add_routes(pull.routes())
     return app
