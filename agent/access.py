@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -23,6 +23,7 @@ from .domain.messages import Language, denial_message, message
 from .domain.model import Action, Court, Decision, Direction, Now, OpenSession, Policy, Reason
 from .domain.sessions import duration_minutes, highlight_window, overdue
 from .errors import StoreError
+from .lan.payloads import ConsumptionItem
 from .logs import OnceLogger, get_logger
 from .metrics import Metrics
 from .store import repo
@@ -33,6 +34,24 @@ log = get_logger("agent.access")
 MAX_PLAYERS_SHOWN = 16  # a court screen lists this many players; player_count has the total
 ANSWER_MEMORY = 4096  # recent (device, msg_id) answers kept in memory in front of the table
 ANSWER_RETENTION = timedelta(days=2)
+
+
+async def _session_of(conn: aiosqlite.Connection, session_id: str | None, card_id: str | None) -> Any:
+    """The session named, or the card holder's open one; None if there is neither."""
+    if session_id is not None:
+        return await repo.session_by_id(conn, session_id)
+    if card_id is not None:
+        found = await repo.lookup(conn, card_id=card_id)
+        if found.state.open_session is not None:
+            return await repo.session_by_id(conn, found.state.open_session.session_id)
+    return None
+
+
+def money(cents: int) -> float:
+    """A decimal amount for the wire (JSON numbers): 1250 -> 12.5."""
+    return cents / 100
+
+
 LAST_TRUSTED_KEY = "last_trusted_ms"
 
 
@@ -70,11 +89,17 @@ class AccessService:
         self._answers: OrderedDict[tuple[str, str], dict[str, Any]] = OrderedDict()
         self._recent: dict[tuple[str, str], _Recent] = {}
         self._last_trusted: datetime | None = None
+        self._unsynced = False  # this boot has events stamped before the clock synced, not yet corrected
         self._once = OnceLogger(log)
 
     async def start(self) -> None:
         raw = await repo.get_kv(self._db, LAST_TRUSTED_KEY)
         self._last_trusted = repo.from_ms(int(raw)) if raw else None
+        # a restart of the agent within the same boot keeps the monotonic clock: its stamps can still be fixed
+        found = await self._db.fetchone(
+            "SELECT 1 FROM events WHERE boot_id = ? AND clock_synced = 0 LIMIT 1", (self._boot_id,)
+        )
+        self._unsynced = found is not None
         await self.record_trusted_time()
 
     def device(self, device_id: str) -> DeviceConfig | None:
@@ -83,7 +108,22 @@ class AccessService:
     # -- helpers -----------------------------------------------------------------------------------------------
 
     def _stamp(self) -> Stamp:
-        return Stamp(self._clock.wall(), self._clock.monotonic_ns(), self._boot_id, self._clock.synced())
+        stamp = Stamp(self._clock.wall(), self._clock.monotonic_ns(), self._boot_id, self._clock.synced())
+        if not stamp.clock_synced:
+            self._unsynced = True
+        return stamp
+
+    async def _correct_clock(self, conn: aiosqlite.Connection, stamp: Stamp) -> None:
+        """Once the clock is synced, re-stamp this boot's earlier unsynced events (in the caller's transaction,
+        before anything is decided against the corrected session times) and tell the cloud which changed."""
+        corrections = await repo.correct_unsynced(conn, self._boot_id, stamp.wall, stamp.mono_ns)
+        for start in range(0, len(corrections), repo.CORRECTIONS_PER_EVENT):
+            chunk = corrections[start : start + repo.CORRECTIONS_PER_EVENT]
+            event = NewEvent("clock.corrected", {"boot_id": self._boot_id, "corrections": chunk})
+            await repo.append_events(conn, stamp, [event], self._destinations)
+        if corrections:
+            log.info("clock_corrected", events=len(corrections), boot_id=self._boot_id)
+            self._metrics.clock_corrections.inc(len(corrections))
 
     def _now(self, stamp: Stamp) -> Now:
         return Now(wall=stamp.wall, trusted=stamp.clock_synced, last_trusted=self._last_trusted)
@@ -180,11 +220,15 @@ class AccessService:
         in the same transaction, so a repeated message is answered again and never acted on twice."""
         replay = self._replay(device_id, msg_id)
         if replay is None:
+            corrected = False
             try:
                 async with self._db.transaction(f"recording a {what}") as conn:
                     prior = await repo.answered(conn, device_id, msg_id) if msg_id is not None else None
                     if prior is None:
                         stamp = self._stamp()
+                        if stamp.clock_synced and self._unsynced:
+                            await self._correct_clock(conn, stamp)
+                            corrected = True
                         outcome = await body(conn, stamp)
                         if msg_id is not None:
                             await repo.remember_answer(conn, device_id, msg_id, outcome.response, stamp.wall)
@@ -192,6 +236,8 @@ class AccessService:
                 self._metrics.store_errors.labels(what).inc()
                 self._once.warning("not_recorded", what, what=what, error=str(exc))
                 return Outcome(unavailable)
+            if corrected:
+                self._unsynced = False
             replay = prior
         if replay is not None:
             self._metrics.replayed.labels("msg_id").inc()
@@ -373,13 +419,7 @@ class AccessService:
         """An explicit checkout from a court tablet: no toggle rules, only "is there such a session here"."""
 
         async def body(conn: aiosqlite.Connection, stamp: Stamp) -> Outcome:
-            row = None
-            if session_id is not None:
-                row = await repo.session_by_id(conn, session_id)
-            elif card_id is not None:
-                found = await repo.lookup(conn, card_id=card_id)
-                if found.state.open_session is not None:
-                    row = await repo.session_by_id(conn, found.state.open_session.session_id)
+            row = await _session_of(conn, session_id, card_id)
             if row is None or row["ended_at"] is not None or row["court_id"] != court_id:
                 return Outcome(self.denial(Reason.NO_OPEN_SESSION, msg_id))
             started_at = repo.from_ms(row["started_at"])
@@ -401,6 +441,74 @@ class AccessService:
         outcome = await self._exactly_once(tablet_id, msg_id, "checkout", body, self.denial(Reason.UNAVAILABLE, msg_id))
         if outcome.courts and not outcome.replayed:
             self._metrics.sessions.labels("closed", "tablet").inc()
+        return outcome
+
+    # -- bar consumption ---------------------------------------------------------------------------------------
+
+    async def consumption(
+        self,
+        pos_id: str,
+        request_id: str,
+        items: Sequence[ConsumptionItem],
+        *,
+        session_id: str | None = None,
+        card_id: str | None = None,
+    ) -> Outcome:
+        """A bar order against the player's open session: its lines and one consumption.recorded event per
+        line (Ziggy records one item per call) commit together; the same request_id is answered, never
+        recorded, again."""
+
+        async def body(conn: aiosqlite.Connection, stamp: Stamp) -> Outcome:
+            row = await _session_of(conn, session_id, card_id)
+            if row is None or row["ended_at"] is not None:
+                return Outcome({**self.denial(Reason.NO_OPEN_SESSION, request_id), "request_id": request_id})
+            lines = [
+                repo.ConsumptionLine(new_id(), n, item.item_id, item.name, item.quantity, item.unit_cents)
+                for n, item in enumerate(items, start=1)
+            ]
+            await repo.insert_consumption(
+                conn, request_id=request_id, pos_id=pos_id, session=row, lines=lines, at=stamp.wall
+            )
+            events = [
+                NewEvent(
+                    "consumption.recorded",
+                    {
+                        "line_id": line.line_id,
+                        "request_id": request_id,
+                        "line_no": line.line_no,
+                        "session_id": row["session_id"],
+                        "member_id": row["member_id"],
+                        "court_id": row["court_id"],
+                        "item_id": line.item_id,
+                        "item_name": line.item_name,
+                        "quantity": line.quantity,
+                        "unit_price": money(line.unit_cents),
+                        "total_price": money(line.total_cents),
+                        "pos_id": pos_id,
+                    },
+                    session_id=row["session_id"],
+                    device_id=pos_id,
+                )
+                for line in lines
+            ]
+            await repo.append_events(conn, stamp, events, self._destinations)
+            total = sum(line.total_cents for line in lines)
+            response = {
+                "msg_id": request_id,
+                "request_id": request_id,
+                "status": "ok",
+                "session_id": row["session_id"],
+                "member_id": row["member_id"],
+                "lines": len(lines),
+                "total": money(total),
+                "session_total": money(await repo.session_consumption_cents(conn, row["session_id"])),
+            }
+            return Outcome(response, courts=frozenset({row["court_id"]}))
+
+        unavailable = {**self.denial(Reason.UNAVAILABLE, request_id), "request_id": request_id}
+        outcome = await self._exactly_once(pos_id, request_id, "consumption", body, unavailable)
+        if not outcome.replayed:
+            self._metrics.consumption.labels(str(outcome.response["status"])).inc()
         return outcome
 
     # -- highlight button --------------------------------------------------------------------------------------
@@ -462,8 +570,8 @@ class AccessService:
 
     async def sweep(self) -> frozenset[str]:
         """Close sessions nobody closed, forget old answers, note trusted time. Returns changed courts."""
+        await self.record_trusted_time()  # first: a clock that just synced corrects the sessions' start times
         stamp = self._stamp()
-        await self.record_trusted_time()
         opened = await repo.open_sessions(self._db.reader)
         late = overdue(
             (OpenSession(s.session_id, s.member_id, s.court_id, s.started_at) for s in opened),
@@ -498,15 +606,23 @@ class AccessService:
         return frozenset(changed)
 
     async def record_trusted_time(self) -> None:
-        """Remember the latest synced wall time, so a reboot without RTC can judge dates (policy last_known)."""
-        if not self._clock.synced():
+        """Remember the latest synced wall time, so a reboot without RTC can judge dates (policy last_known),
+        and correct this boot's unsynced stamps once the clock has synced."""
+        stamp = self._stamp()
+        if not stamp.clock_synced:
             return
-        wall = self._clock.wall()
-        if self._last_trusted is not None and wall <= self._last_trusted:
+        wall = stamp.wall
+        newer = self._last_trusted is None or wall > self._last_trusted
+        if not newer and not self._unsynced:
             return
-        self._last_trusted = wall
         async with self._db.transaction("recording trusted time") as conn:
-            await repo.set_kv(conn, LAST_TRUSTED_KEY, str(repo.to_ms(wall)))
+            if self._unsynced:
+                await self._correct_clock(conn, stamp)
+            if newer:
+                await repo.set_kv(conn, LAST_TRUSTED_KEY, str(repo.to_ms(wall)))
+        self._unsynced = False
+        if newer:
+            self._last_trusted = wall
 
     async def court_state(self, court_id: str) -> dict[str, Any]:
         """The retained picture of one court for its tablets and displays."""

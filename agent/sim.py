@@ -119,6 +119,25 @@ class SimTablet(SimDevice):
             f"court/{court_id}/checkout", {"tablet_id": self.device_id, "session_id": session_id}, reply_within
         )
 
+    async def order(
+        self,
+        items: list[dict[str, Any]],
+        *,
+        card_id: str | None = None,
+        session_id: str | None = None,
+        request_id: str | None = None,
+        reply_within: float = REPLY_TIMEOUT_S,
+    ) -> Reply:
+        """A bar order on pos/{this tablet}/consumption; items: item_id, name, quantity, unit_price."""
+        body: dict[str, Any] = {"items": items}
+        if request_id is not None:
+            body["msg_id"] = request_id
+        if card_id is not None:
+            body["card_id"] = card_id
+        if session_id is not None:
+            body["session_id"] = session_id
+        return await self.request(f"pos/{self.device_id}/consumption", body, reply_within)
+
     async def heartbeat(self, battery: int = 80, app_version: str = "1.0.0") -> None:
         await self.client.publish(
             f"tablet/{self.device_id}/status", json.dumps({"battery": battery, "app_version": app_version}), qos=0

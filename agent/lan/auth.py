@@ -7,7 +7,7 @@ The access list is generated from the configured devices, so a reader can only e
 | reader  | rfid/{id}/scan, rfid/{id}/status                          | rfid/{id}/response, agent/status        |
 | button  | court/{court}/button/pressed, button/{id}/status          | court/{court}/button/ack, agent/status  |
 | tablet  | tablet/{id}/status, court/{c}/checkin, court/{c}/checkout | tablet/{id}/#, court/{c}/#, agent/status, |
-|         |                                                           | agent/presence/#                        |
+|         | pos/{id}/consumption (a bar tablet is its own point of sale) | agent/presence/#                     |
 | display | display/{id}/status                                       | court/{c}/#, agent/status,              |
 |         |                                                           | agent/presence/#                        |
 
@@ -90,7 +90,7 @@ def rules_for(device: DeviceConfig) -> Rules:
         c = device.court
         return Rules((f"court/{c}/button/pressed", f"button/{i}/status"), (f"court/{c}/button/ack", AGENT_STATUS))
     if device.kind == "tablet":
-        publish = [f"tablet/{i}/status"]
+        publish = [f"tablet/{i}/status", f"pos/{i}/consumption"]
         for c in courts:
             publish += [f"court/{c}/checkin", f"court/{c}/checkout"]
         return Rules(tuple(publish), (f"tablet/{i}/#", *(f"court/{c}/#" for c in courts), AGENT_STATUS, PRESENCE))

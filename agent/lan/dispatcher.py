@@ -330,6 +330,8 @@ class Dispatcher:
                 await self._button(route.device_or_court, raw)
             case Kind.CHECKIN | Kind.CHECKOUT:
                 await self._tablet(route, raw)
+            case Kind.CONSUMPTION:
+                await self._consumption(route.device_or_court, raw)
             case _:
                 raise AssertionError(route.kind)
 
@@ -390,7 +392,7 @@ class Dispatcher:
             request = payloads.decode(model, raw, self._limit)
         except PayloadError as exc:
             self._reject(route.kind.value, exc.reason, court_id, exc.detail)
-            tablet_id = _tablet_id_of(raw, self._limit)
+            tablet_id = _field_of(raw, "tablet_id", self._limit)
             if tablet_id is not None and self._serves(tablet_id, court_id):
                 await self.publish(
                     topics.tablet_response(tablet_id),
@@ -417,6 +419,35 @@ class Dispatcher:
             )
         await self._finish(topics.tablet_response(request.tablet_id), outcome)
 
+    async def _consumption(self, pos_id: str, raw: bytes) -> None:
+        """A bar tablet's order; the tablet is its own point of sale and hears back on tablet/{id}/response."""
+        device = self._service.device(pos_id)
+        if device is None or device.kind != "tablet":
+            self._reject("consumption", "unknown_pos", pos_id, "not a configured tablet")
+            return
+        reply_topic = topics.tablet_response(pos_id)
+        try:
+            order = payloads.decode(payloads.Consumption, raw, self._limit)
+        except PayloadError as exc:
+            self._reject("consumption", exc.reason, pos_id, exc.detail)
+            request_id = _field_of(raw, "request_id", self._limit) or payloads.msg_id_of(raw, self._limit)
+            await self.publish(
+                reply_topic,
+                {
+                    "msg_id": request_id,
+                    "request_id": request_id,
+                    "status": "invalid",
+                    "reason": Reason.INVALID_REQUEST.value,
+                    "detail": exc.detail,
+                },
+            )
+            return
+        self._presence.seen(pos_id, self._clock.wall())
+        outcome = await self._service.consumption(
+            pos_id, order.request_id, order.items, session_id=order.session_id, card_id=order.card_id
+        )
+        await self._finish(reply_topic, outcome)
+
     def _serves(self, tablet_id: str, court_id: str) -> bool:
         device = self._service.device(tablet_id)
         if device is None or device.kind != "tablet":
@@ -425,12 +456,13 @@ class Dispatcher:
         return not served or court_id in served
 
 
-def _tablet_id_of(raw: bytes, limit: int) -> str | None:
+def _field_of(raw: bytes, name: str, limit: int) -> str | None:
+    """A short string field of a payload that failed validation, to address the reply; None if unusable."""
     try:
         doc = payloads.parse_json(raw, limit)
     except PayloadError:
         return None
-    value = doc.get("tablet_id")
+    value = doc.get(name)
     return value if isinstance(value, str) and 0 < len(value) <= payloads.MAX_ID else None
 
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
@@ -86,6 +87,32 @@ class TabletCheckout(_Payload):
 
     @model_validator(mode="after")
     def _one_target(self) -> TabletCheckout:
+        if (self.session_id is None) == (self.card_id is None):
+            raise ValueError("give exactly one of session_id or card_id")
+        return self
+
+
+class ConsumptionItem(_Payload):
+    item_id: str = Field(min_length=1, max_length=MAX_ID)
+    name: str = Field(min_length=1, max_length=128, validation_alias=AliasChoices("name", "item_name"))
+    quantity: int = Field(ge=1, le=99)
+    unit_price: Decimal = Field(ge=0, le=10_000, max_digits=7, decimal_places=2)
+
+    @property
+    def unit_cents(self) -> int:
+        return int(self.unit_price * 100)
+
+
+class Consumption(_Payload):
+    """`pos/{pos_id}/consumption`: a bar order for the player of a card or of a session."""
+
+    request_id: str = Field(min_length=1, max_length=MAX_ID, validation_alias=AliasChoices("request_id", "msg_id"))
+    card_id: CardId | None = None
+    session_id: str | None = Field(default=None, min_length=1, max_length=MAX_ID)
+    items: list[ConsumptionItem] = Field(min_length=1, max_length=50)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> Consumption:
         if (self.session_id is None) == (self.card_id is None):
             raise ValueError("give exactly one of session_id or card_id")
         return self

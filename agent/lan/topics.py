@@ -18,6 +18,7 @@ SUBSCRIPTIONS = (
     "court/+/button/pressed",
     "court/+/checkin",
     "court/+/checkout",
+    "pos/+/consumption",
     "rfid/+/status",
     "button/+/status",
     "tablet/+/status",
@@ -32,13 +33,14 @@ class Kind(StrEnum):
     BUTTON = "button"
     CHECKIN = "checkin"
     CHECKOUT = "checkout"
+    CONSUMPTION = "consumption"  # a bar order from a tablet acting as point of sale
     STATUS = "status"  # a device's heartbeat, birth or will
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
     kind: Kind
-    device_or_court: str  # reader id, court id or tablet id, depending on kind
+    device_or_court: str  # reader id, court id, tablet id or point-of-sale id, depending on kind
 
 
 def route(topic: str) -> Route | None:
@@ -53,6 +55,8 @@ def route(topic: str) -> Route | None:
             return Route(Kind.CHECKIN, court)
         case ["court", court, "checkout"] if court:
             return Route(Kind.CHECKOUT, court)
+        case ["pos", pos, "consumption"] if pos:
+            return Route(Kind.CONSUMPTION, pos)
         case [prefix, device, "status"] if device and prefix in STATUS_PREFIXES:
             return Route(Kind.STATUS, device)
     return None

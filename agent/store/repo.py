@@ -23,6 +23,7 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "session.ended": ("ziggy", "cloud"),
     "consumption.recorded": ("ziggy", "cloud"),
     "highlight.created": ("cloud",),
+    "clock.corrected": ("cloud",),
 }
 
 
@@ -271,6 +272,62 @@ async def session_by_id(conn: aiosqlite.Connection, session_id: str) -> sqlite3.
     return rows[0] if rows else None
 
 
+@dataclass(frozen=True, slots=True)
+class ConsumptionLine:
+    line_id: str
+    line_no: int
+    item_id: str
+    item_name: str
+    quantity: int
+    unit_cents: int
+
+    @property
+    def total_cents(self) -> int:
+        return self.quantity * self.unit_cents
+
+
+async def insert_consumption(
+    conn: aiosqlite.Connection,
+    *,
+    request_id: str,
+    pos_id: str,
+    session: sqlite3.Row,
+    lines: Sequence[ConsumptionLine],
+    at: datetime,
+) -> None:
+    await conn.executemany(
+        "INSERT INTO consumption (line_id, request_id, pos_id, line_no, session_id, member_id, court_id, item_id,"
+        " item_name, quantity, unit_cents, total_cents, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                line.line_id,
+                request_id,
+                pos_id,
+                line.line_no,
+                session["session_id"],
+                session["member_id"],
+                session["court_id"],
+                line.item_id,
+                line.item_name,
+                line.quantity,
+                line.unit_cents,
+                line.total_cents,
+                to_ms(at),
+            )
+            for line in lines
+        ],
+    )
+
+
+async def session_consumption_cents(conn: aiosqlite.Connection, session_id: str) -> int:
+    rows = list(
+        await conn.execute_fetchall(
+            "SELECT COALESCE(SUM(total_cents), 0) FROM consumption WHERE session_id = ?", (session_id,)
+        )
+    )
+    return int(rows[0][0])
+
+
 async def highlight_count(conn: aiosqlite.Connection, court_id: str, since: datetime) -> int:
     rows = list(
         await conn.execute_fetchall(
@@ -351,3 +408,91 @@ async def get_kv(db: Database, key: str) -> str | None:
 
 async def set_kv(conn: aiosqlite.Connection, key: str, value: str) -> None:
     await conn.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
+
+
+# -- clock correction (DESIGN 3) ----------------------------------------------------------------------------
+
+# The wall-time fields an event's data carries that were stamped at the event itself.
+_STAMPED_FIELDS = {
+    "session.started": ("started_at",),
+    "session.ended": ("ended_at",),
+    "highlight.created": ("pressed_at", "start_at"),
+}
+CORRECTIONS_PER_EVENT = 500
+
+
+def _parse_iso_ms(value: str) -> int:
+    return to_ms(datetime.fromisoformat(value.replace("Z", "+00:00")))
+
+
+def _shift_iso(value: Any, offset_ms: int) -> Any:
+    if not isinstance(value, str):
+        return value
+    return iso(from_ms(_parse_iso_ms(value) + offset_ms))
+
+
+async def correct_unsynced(
+    conn: aiosqlite.Connection, boot_id: str, wall: datetime, mono_ns: int
+) -> list[dict[str, Any]]:
+    """Re-stamp this boot's events stamped before the clock synced, from monotonic time: the true wall time of
+    an event is now - (monotonic now - its monotonic stamp). The event rows (and the times their data and the
+    session, highlight and consumption rows carry) are corrected in the caller's transaction; the first stamp
+    stays in occurred_at_unsynced. Returns the corrections, for a clock.corrected event (receivers that already
+    took an event with its first stamp fix it from that). Stamps of earlier boots cannot be corrected: their
+    monotonic clock is gone, and they stay marked clock_synced = false."""
+    rows = list(
+        await conn.execute_fetchall(
+            "SELECT seq, event_id, type, occurred_at, mono_ns, session_id, data FROM events"
+            " WHERE boot_id = ? AND clock_synced = 0 ORDER BY seq",
+            (boot_id,),
+        )
+    )
+    now_ms = to_ms(wall)
+    corrections: list[dict[str, Any]] = []
+    started_offsets: dict[str, int] = {}  # session id -> offset of its start, corrected in this pass
+    for row in rows:
+        true_ms = now_ms - (mono_ns - row["mono_ns"]) // 1_000_000
+        offset = true_ms - row["occurred_at"]
+        data = json.loads(row["data"])
+        for name in _STAMPED_FIELDS.get(row["type"], ()):
+            if name in data:
+                data[name] = _shift_iso(data[name], offset)
+        session_id = row["session_id"]
+        if row["type"] == "session.started" and session_id:
+            started_offsets[session_id] = offset
+            await conn.execute(
+                "UPDATE sessions SET started_at = started_at + ? WHERE session_id = ?", (offset, session_id)
+            )
+        elif row["type"] == "session.ended" and session_id:
+            if session_id in started_offsets and "started_at" in data:
+                data["started_at"] = _shift_iso(data["started_at"], started_offsets[session_id])
+            if isinstance(data.get("started_at"), str) and isinstance(data.get("ended_at"), str):
+                minutes = (_parse_iso_ms(data["ended_at"]) - _parse_iso_ms(data["started_at"])) // 60_000
+                data["duration_minutes"] = max(0, minutes)
+            await conn.execute(
+                "UPDATE sessions SET ended_at = ended_at + ? WHERE session_id = ? AND ended_at IS NOT NULL",
+                (offset, session_id),
+            )
+        elif row["type"] == "highlight.created" and data.get("highlight_id"):
+            await conn.execute(
+                "UPDATE highlights SET pressed_at = pressed_at + ?, start_at = start_at + ? WHERE highlight_id = ?",
+                (offset, offset, data["highlight_id"]),
+            )
+        elif row["type"] == "consumption.recorded" and data.get("line_id"):
+            await conn.execute(
+                "UPDATE consumption SET recorded_at = recorded_at + ? WHERE line_id = ?", (offset, data["line_id"])
+            )
+        await conn.execute(
+            "UPDATE events SET occurred_at = ?, occurred_at_unsynced = occurred_at, clock_synced = 1,"
+            " data = ? WHERE seq = ?",
+            (true_ms, json.dumps(data, separators=(",", ":")), row["seq"]),
+        )
+        corrections.append(
+            {
+                "event_id": row["event_id"],
+                "seq": row["seq"],
+                "occurred_at": iso(from_ms(true_ms)),
+                "stamped_at": iso(from_ms(row["occurred_at"])),
+            }
+        )
+    return corrections
