@@ -23,6 +23,14 @@ KEY_MEMORY_MS = 24 * 3600 * 1000
 TIMEOUT = httpx.Timeout(5.0)  # the reference document's timeout for Ziggy
 
 
+class Wait(Exception):
+    """This event cannot go yet; retried later without counting against Ziggy's health."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class ZiggyDestination:
     name = "ziggy"
     batch_size = 1
@@ -68,6 +76,8 @@ class ZiggyDestination:
         for event in events:
             try:
                 await self._deliver(event)
+            except Wait as exc:
+                out.append(Result(event.seq, Verdict.RETRY, exc.reason))
             except Permanent as exc:
                 out.append(Result(event.seq, Verdict.DEAD, exc.reason))
             except (KeyError, TypeError, ValueError) as exc:  # an event without what Ziggy needs: never retried
@@ -103,9 +113,20 @@ class ZiggyDestination:
 
     async def _checkin(self, event: OutboxEvent) -> None:
         data = event.data
+        # Ziggy holds one active session per member, and the outbox keeps order per session only: a member's
+        # next check-in waits until Ziggy has been told their previous session ended (else Ziggy would refuse
+        # it, or a stale retry would adopt the previous session as its own).
+        earlier = await self._db.fetchone(
+            "SELECT e.seq FROM sessions s JOIN events e ON e.session_id = s.session_id"
+            " JOIN deliveries d ON d.seq = e.seq AND d.destination = 'ziggy'"
+            " WHERE s.member_id = ? AND s.session_id != ? AND e.seq < ? AND d.state = 'pending' LIMIT 1",
+            (data["member_id"], event.session_id, event.seq),
+        )
+        if earlier is not None:
+            raise Wait(f"waiting for Ziggy to hear of {data['member_id']}'s previous session (event {earlier[0]})")
         stale = event.first_attempt_at is not None and self._wall_ms() - event.first_attempt_at > KEY_MEMORY_MS
         if stale:
-            known = await self._active_for(data["member_id"], data["court_id"])
+            known = await self._active_for(data["member_id"], data["court_id"], event.session_id)
             if known is not None:
                 await self._remember(event, known, None)
                 return
@@ -116,7 +137,7 @@ class ZiggyDestination:
             if exc.status != 409:
                 raise
             # Ziggy already has this member checked in: adopt that session if it is on the same court.
-            known = await self._active_for(data["member_id"], data["court_id"])
+            known = await self._active_for(data["member_id"], data["court_id"], event.session_id)
             if known is None:
                 raise
             await self._remember(event, known, None)
@@ -125,7 +146,7 @@ class ZiggyDestination:
             raise Transient("Ziggy's check-in answer has no session_id")
         await self._remember(event, answer["session_id"], answer.get("checked_in_at"))
 
-    async def _active_for(self, member_id: str, court_id: str) -> str | None:
+    async def _active_for(self, member_id: str, court_id: str, ours: str | None) -> str | None:
         answer = await self._call("GET", "/access/sessions/active", params={"user_id": member_id})
         sessions = (
             answer if isinstance(answer, list) else answer.get("sessions", []) if isinstance(answer, dict) else []
@@ -133,7 +154,13 @@ class ZiggyDestination:
         for s in sessions:
             if isinstance(s, dict) and s.get("user_id") == member_id and _court_of(s) == court_id:
                 session_id = s.get("session_id")
-                return session_id if isinstance(session_id, str) else None
+                if not isinstance(session_id, str):
+                    return None
+                taken = await self._db.fetchone(
+                    "SELECT session_id FROM ziggy_sessions WHERE ziggy_session_id = ?", (session_id,)
+                )
+                # a Ziggy session already matched to another of our sessions is never adopted a second time
+                return session_id if taken is None or taken[0] == ours else None
         return None
 
     async def _remember(self, event: OutboxEvent, ziggy_id: str, checked_in_at: Any) -> None:
