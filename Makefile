@@ -69,6 +69,8 @@ test-mosquitto: deps test-deps
 bench: deps test-deps
 	$(BIN)/python benchmarks/tap_latency.py
 	$(BIN)/python benchmarks/broker.py
+	$(BIN)/python benchmarks/member_sync.py
+	$(BIN)/python benchmarks/outbox.py --ziggy-events 5000
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build *.egg-info
