@@ -71,6 +71,7 @@ bench: deps test-deps
 	$(BIN)/python benchmarks/broker.py
 	$(BIN)/python benchmarks/member_sync.py
 	$(BIN)/python benchmarks/outbox.py --ziggy-events 5000
+	$(BIN)/python benchmarks/crash.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build *.egg-info
