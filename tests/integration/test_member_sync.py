@@ -11,7 +11,7 @@ import re
 import signal
 import sqlite3
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import closing
 from datetime import datetime
 from pathlib import Path
@@ -26,9 +26,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from agent.config import Config
-from agent.sandbox.faults import FaultRule
 from agent.sandbox.members import MemberFeed, seeded_members
-from agent.sandbox.options import SandboxOptions
 from agent.sandbox.server import SandboxServer
 from agent.store import repo
 from agent.store.db import Database
@@ -52,20 +50,14 @@ COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "agent.cl
 
 
 @pytest.fixture
-async def cloud_factory() -> AsyncIterator[Callable[..., Any]]:
+def cloud_factory(sandbox_factory: Callable[..., Any]) -> Callable[..., Any]:
     """Sandbox clouds with `members` seeded members and a fault plan, on free loopback ports."""
-    servers: list[SandboxServer] = []
 
     async def start(members: int = 300, *faults: dict[str, Any]) -> SandboxServer:
-        options = SandboxOptions(members=members, faults=tuple(FaultRule.model_validate(f) for f in faults))
-        server = SandboxServer(options, port=0)
-        await server.__aenter__()
-        servers.append(server)
+        server: SandboxServer = await sandbox_factory(*faults, members=members)
         return server
 
-    yield start
-    for server in servers:
-        await server.__aexit__(None, None, None)
+    return start
 
 
 class RogueCloud:
