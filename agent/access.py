@@ -3,18 +3,19 @@
 Transport-neutral: the MQTT dispatcher, the firmware bridges and the local API all call these methods. Each
 decision, its session change, its ledger entry and its events (with one delivery row per destination) commit
 in one transaction before the reply exists, so a device is never told about something that could be lost.
+The transactions' bodies are plain functions run on the store's thread (`Database.write`): one hop per request,
+and requests arriving together share one commit.
 """
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
-
-import aiosqlite
 
 from .clock import Clock
 from .config import Config, DeviceConfig
@@ -36,14 +37,14 @@ ANSWER_MEMORY = 4096  # recent (device, msg_id) answers kept in memory in front 
 ANSWER_RETENTION = timedelta(days=2)
 
 
-async def _session_of(conn: aiosqlite.Connection, session_id: str | None, card_id: str | None) -> Any:
+def _session_of(conn: sqlite3.Connection, session_id: str | None, card_id: str | None) -> sqlite3.Row | None:
     """The session named, or the card holder's open one; None if there is neither."""
     if session_id is not None:
-        return await repo.session_by_id(conn, session_id)
+        return repo.session_by_id(conn, session_id)
     if card_id is not None:
-        found = await repo.lookup(conn, card_id=card_id)
+        found = repo.lookup(conn, card_id=card_id)
         if found.state.open_session is not None:
-            return await repo.session_by_id(conn, found.state.open_session.session_id)
+            return repo.session_by_id(conn, found.state.open_session.session_id)
     return None
 
 
@@ -93,7 +94,7 @@ class AccessService:
         self._once = OnceLogger(log)
 
     async def start(self) -> None:
-        raw = await repo.get_kv(self._db, LAST_TRUSTED_KEY)
+        raw = await self._db.read(repo.get_kv, LAST_TRUSTED_KEY)
         self._last_trusted = repo.from_ms(int(raw)) if raw else None
         # a restart of the agent within the same boot keeps the monotonic clock: its stamps can still be fixed
         found = await self._db.fetchone(
@@ -113,17 +114,23 @@ class AccessService:
             self._unsynced = True
         return stamp
 
-    async def _correct_clock(self, conn: aiosqlite.Connection, stamp: Stamp) -> None:
+    def _correct_clock(self, conn: sqlite3.Connection, stamp: Stamp) -> int:
         """Once the clock is synced, re-stamp this boot's earlier unsynced events (in the caller's transaction,
-        before anything is decided against the corrected session times) and tell the cloud which changed."""
-        corrections = await repo.correct_unsynced(conn, self._boot_id, stamp.wall, stamp.mono_ns)
+        before anything is decided against the corrected session times) and tell the cloud which changed.
+        Returns how many were corrected."""
+        corrections = repo.correct_unsynced(conn, self._boot_id, stamp.wall, stamp.mono_ns)
         for start in range(0, len(corrections), repo.CORRECTIONS_PER_EVENT):
             chunk = corrections[start : start + repo.CORRECTIONS_PER_EVENT]
             event = NewEvent("clock.corrected", {"boot_id": self._boot_id, "corrections": chunk})
-            await repo.append_events(conn, stamp, [event], self._destinations)
-        if corrections:
-            log.info("clock_corrected", events=len(corrections), boot_id=self._boot_id)
-            self._metrics.clock_corrections.inc(len(corrections))
+            repo.append_events(conn, stamp, [event], self._destinations)
+        return len(corrections)
+
+    def _clock_corrected(self, count: int) -> None:
+        """After the correcting transaction committed."""
+        self._unsynced = False
+        if count:
+            log.info("clock_corrected", events=count, boot_id=self._boot_id)
+            self._metrics.clock_corrections.inc(count)
 
     def _now(self, stamp: Stamp) -> Now:
         return Now(wall=stamp.wall, trusted=stamp.clock_synced, last_trusted=self._last_trusted)
@@ -213,35 +220,42 @@ class AccessService:
         device_id: str,
         msg_id: str | None,
         what: str,
-        body: Callable[[aiosqlite.Connection, Stamp], Awaitable[Outcome]],
+        body: Callable[[sqlite3.Connection, Stamp], Outcome],
         unavailable: dict[str, Any],
     ) -> Outcome:
         """Run `body` in one transaction unless this (device, msg_id) was answered before, and store its answer
         in the same transaction, so a repeated message is answered again and never acted on twice."""
         replay = self._replay(device_id, msg_id)
         if replay is None:
-            corrected = False
+            # Stamped here, on the loop, in arrival order: writes commit in the order they were queued, so
+            # event seq and wall time agree.
+            stamp = self._stamp()
+            correct = stamp.clock_synced and self._unsynced
+
+            def record(conn: sqlite3.Connection) -> tuple[dict[str, Any] | None, Outcome | None, int]:
+                prior = repo.answered(conn, device_id, msg_id) if msg_id is not None else None
+                if prior is not None:
+                    return prior, None, 0
+                corrected = self._correct_clock(conn, stamp) if correct else 0
+                outcome = body(conn, stamp)
+                if msg_id is not None:
+                    repo.remember_answer(conn, device_id, msg_id, outcome.response, stamp.wall)
+                return None, outcome, corrected
+
             try:
-                async with self._db.transaction(f"recording a {what}") as conn:
-                    prior = await repo.answered(conn, device_id, msg_id) if msg_id is not None else None
-                    if prior is None:
-                        stamp = self._stamp()
-                        if stamp.clock_synced and self._unsynced:
-                            await self._correct_clock(conn, stamp)
-                            corrected = True
-                        outcome = await body(conn, stamp)
-                        if msg_id is not None:
-                            await repo.remember_answer(conn, device_id, msg_id, outcome.response, stamp.wall)
+                replay, fresh, corrected = await self._db.write(f"recording a {what}", record)
             except StoreError as exc:
                 self._metrics.store_errors.labels(what).inc()
                 self._once.warning("not_recorded", what, what=what, error=str(exc))
                 return Outcome(unavailable)
-            if corrected:
-                self._unsynced = False
-            replay = prior
+            if correct:
+                self._clock_corrected(corrected)
         if replay is not None:
             self._metrics.replayed.labels("msg_id").inc()
             outcome = Outcome(replay, replayed=True)
+        else:
+            assert fresh is not None
+            outcome = fresh
         self._remember(device_id, msg_id, outcome.response)
         return outcome
 
@@ -263,12 +277,12 @@ class AccessService:
             self._metrics.replayed.labels("debounce").inc()
             return Outcome({**recent.response, "msg_id": msg_id}, replayed=True)
 
-        async def body(conn: aiosqlite.Connection, stamp: Stamp) -> Outcome:
-            found = await repo.lookup(conn, card_id=card_id, member_code=member_code)
+        def body(conn: sqlite3.Connection, stamp: Stamp) -> Outcome:
+            found = repo.lookup(conn, card_id=card_id, member_code=member_code)
             decision = decide(found.member, court, direction, self._now(stamp), found.state, found.cache, self._policy)
             first_name = found.member.first_name if found.member else None
             open_session = found.state.open_session
-            session_id = await self._apply(
+            session_id = self._apply(
                 conn,
                 stamp,
                 decision,
@@ -300,9 +314,9 @@ class AccessService:
                 self._recent = {k: v for k, v in self._recent.items() if v.mono_ns >= horizon}
         return outcome
 
-    async def _apply(
+    def _apply(
         self,
-        conn: aiosqlite.Connection,
+        conn: sqlite3.Connection,
         stamp: Stamp,
         decision: Decision,
         *,
@@ -317,7 +331,7 @@ class AccessService:
         if decision.action is Action.CHECKIN:
             session_id = new_id()
             assert decision.member_id is not None
-            await repo.open_session(
+            repo.open_session(
                 conn,
                 session_id=session_id,
                 member_id=decision.member_id,
@@ -329,7 +343,7 @@ class AccessService:
             )
         elif decision.action is Action.CHECKOUT:
             assert session_id is not None
-            await repo.close_session(conn, session_id, stamp.wall, "tap")
+            repo.close_session(conn, session_id, stamp.wall, "tap")
         events = [
             NewEvent(
                 "access.decided",
@@ -373,11 +387,11 @@ class AccessService:
                     session_id, decision.member_id, court.court_id, started_at, stamp.wall, "tap", device_id
                 )
             )
-        written = await repo.append_events(conn, stamp, events, self._destinations)
+        written = repo.append_events(conn, stamp, events, self._destinations)
         if decision.action is Action.CHECKIN and decision.cost:
             assert decision.member_id is not None
             assert session_id is not None
-            await repo.spend_credits(conn, decision.member_id, decision.cost, session_id, written[-1][1], stamp.wall)
+            repo.spend_credits(conn, decision.member_id, decision.cost, session_id, written[-1][1], stamp.wall)
         return session_id
 
     @staticmethod
@@ -418,16 +432,16 @@ class AccessService:
     ) -> Outcome:
         """An explicit checkout from a court tablet: no toggle rules, only "is there such a session here"."""
 
-        async def body(conn: aiosqlite.Connection, stamp: Stamp) -> Outcome:
-            row = await _session_of(conn, session_id, card_id)
+        def body(conn: sqlite3.Connection, stamp: Stamp) -> Outcome:
+            row = _session_of(conn, session_id, card_id)
             if row is None or row["ended_at"] is not None or row["court_id"] != court_id:
                 return Outcome(self.denial(Reason.NO_OPEN_SESSION, msg_id))
             started_at = repo.from_ms(row["started_at"])
-            await repo.close_session(conn, row["session_id"], stamp.wall, "tablet")
+            repo.close_session(conn, row["session_id"], stamp.wall, "tablet")
             ended = self._ended_event(
                 row["session_id"], row["member_id"], court_id, started_at, stamp.wall, "tablet", tablet_id
             )
-            await repo.append_events(conn, stamp, [ended], self._destinations)
+            repo.append_events(conn, stamp, [ended], self._destinations)
             response = {
                 "msg_id": msg_id,
                 "status": "ok",
@@ -458,17 +472,15 @@ class AccessService:
         line (Ziggy records one item per call) commit together; the same request_id is answered, never
         recorded, again."""
 
-        async def body(conn: aiosqlite.Connection, stamp: Stamp) -> Outcome:
-            row = await _session_of(conn, session_id, card_id)
+        def body(conn: sqlite3.Connection, stamp: Stamp) -> Outcome:
+            row = _session_of(conn, session_id, card_id)
             if row is None or row["ended_at"] is not None:
                 return Outcome({**self.denial(Reason.NO_OPEN_SESSION, request_id), "request_id": request_id})
             lines = [
                 repo.ConsumptionLine(new_id(), n, item.item_id, item.name, item.quantity, item.unit_cents)
                 for n, item in enumerate(items, start=1)
             ]
-            await repo.insert_consumption(
-                conn, request_id=request_id, pos_id=pos_id, session=row, lines=lines, at=stamp.wall
-            )
+            repo.insert_consumption(conn, request_id=request_id, pos_id=pos_id, session=row, lines=lines, at=stamp.wall)
             events = [
                 NewEvent(
                     "consumption.recorded",
@@ -491,7 +503,7 @@ class AccessService:
                 )
                 for line in lines
             ]
-            await repo.append_events(conn, stamp, events, self._destinations)
+            repo.append_events(conn, stamp, events, self._destinations)
             total = sum(line.total_cents for line in lines)
             response = {
                 "msg_id": request_id,
@@ -501,7 +513,7 @@ class AccessService:
                 "member_id": row["member_id"],
                 "lines": len(lines),
                 "total": money(total),
-                "session_total": money(await repo.session_consumption_cents(conn, row["session_id"])),
+                "session_total": money(repo.session_consumption_cents(conn, row["session_id"])),
             }
             return Outcome(response, courts=frozenset({row["court_id"]}))
 
@@ -516,13 +528,13 @@ class AccessService:
     async def button(self, court_id: str, button_id: str, msg_id: str | None, kind: str = "short") -> Outcome:
         """A highlight press: recorded even without a session (the cloud may still cut it from its stream)."""
 
-        async def body(conn: aiosqlite.Connection, stamp: Stamp) -> Outcome:
-            sessions = await repo.open_sessions(conn, court_id)
+        def body(conn: sqlite3.Connection, stamp: Stamp) -> Outcome:
+            sessions = repo.open_sessions(conn, court_id)
             # Padel has four players; the highlight belongs to the court's earliest open session.
             session_id = sessions[0].session_id if sessions else None
             start, duration = highlight_window(stamp.wall, sessions[0].started_at if sessions else None)
             highlight_id = new_id()
-            await repo.insert_highlight(
+            repo.insert_highlight(
                 conn,
                 highlight_id=highlight_id,
                 court_id=court_id,
@@ -550,7 +562,7 @@ class AccessService:
                 session_id=session_id,
                 device_id=button_id,
             )
-            await repo.append_events(conn, stamp, [created], self._destinations)
+            repo.append_events(conn, stamp, [created], self._destinations)
             response = {
                 "msg_id": msg_id,
                 "status": "ok" if session_id else "no_session",
@@ -572,7 +584,7 @@ class AccessService:
         """Close sessions nobody closed, forget old answers, note trusted time. Returns changed courts."""
         await self.record_trusted_time()  # first: a clock that just synced corrects the sessions' start times
         stamp = self._stamp()
-        opened = await repo.open_sessions(self._db.reader)
+        opened = await self._db.read(repo.open_sessions)
         late = overdue(
             (OpenSession(s.session_id, s.member_id, s.court_id, s.started_at) for s in opened),
             self.courts,
@@ -581,29 +593,27 @@ class AccessService:
         )
         changed = set()
         for session in late:
-            async with self._db.transaction("closing an overdue session") as conn:
-                if await repo.close_session(conn, session.session_id, stamp.wall, Reason.AUTO_TIMEOUT.value):
-                    await repo.append_events(
-                        conn,
-                        stamp,
-                        [
-                            self._ended_event(
-                                session.session_id,
-                                session.member_id,
-                                session.court_id,
-                                session.started_at,
-                                stamp.wall,
-                                Reason.AUTO_TIMEOUT.value,
-                                None,
-                            )
-                        ],
-                        self._destinations,
-                    )
-                    changed.add(session.court_id)
-                    self._metrics.sessions.labels("closed", Reason.AUTO_TIMEOUT.value).inc()
-            log.info("session_auto_closed", session_id=session.session_id, court=session.court_id)
-        await repo.forget_answers_before(self._db, stamp.wall - ANSWER_RETENTION)
+            if await self._db.write("closing an overdue session", self._close_overdue, session, stamp):
+                changed.add(session.court_id)
+                self._metrics.sessions.labels("closed", Reason.AUTO_TIMEOUT.value).inc()
+                log.info("session_auto_closed", session_id=session.session_id, court=session.court_id)
+        await self._db.write("pruning answered requests", repo.forget_answers_before, stamp.wall - ANSWER_RETENTION)
         return frozenset(changed)
+
+    def _close_overdue(self, conn: sqlite3.Connection, session: OpenSession, stamp: Stamp) -> bool:
+        if not repo.close_session(conn, session.session_id, stamp.wall, Reason.AUTO_TIMEOUT.value):
+            return False  # closed by a tap meanwhile
+        ended = self._ended_event(
+            session.session_id,
+            session.member_id,
+            session.court_id,
+            session.started_at,
+            stamp.wall,
+            Reason.AUTO_TIMEOUT.value,
+            None,
+        )
+        repo.append_events(conn, stamp, [ended], self._destinations)
+        return True
 
     async def record_trusted_time(self) -> None:
         """Remember the latest synced wall time, so a reboot without RTC can judge dates (policy last_known),
@@ -613,23 +623,31 @@ class AccessService:
             return
         wall = stamp.wall
         newer = self._last_trusted is None or wall > self._last_trusted
-        if not newer and not self._unsynced:
+        correct = self._unsynced
+        if not newer and not correct:
             return
-        async with self._db.transaction("recording trusted time") as conn:
-            if self._unsynced:
-                await self._correct_clock(conn, stamp)
+
+        def record(conn: sqlite3.Connection) -> int:
+            corrected = self._correct_clock(conn, stamp) if correct else 0
             if newer:
-                await repo.set_kv(conn, LAST_TRUSTED_KEY, str(repo.to_ms(wall)))
-        self._unsynced = False
+                repo.set_kv(conn, LAST_TRUSTED_KEY, str(repo.to_ms(wall)))
+            return corrected
+
+        corrected = await self._db.write("recording trusted time", record)
+        if correct:
+            self._clock_corrected(corrected)
         if newer:
             self._last_trusted = wall
 
     async def court_state(self, court_id: str) -> dict[str, Any]:
         """The retained picture of one court for its tablets and displays."""
-        conn = self._db.reader
-        sessions = await repo.open_sessions(conn, court_id)
-        since = sessions[0].started_at if sessions else None
-        count = await repo.highlight_count(conn, court_id, since) if since else 0
+
+        def read(conn: sqlite3.Connection) -> tuple[list[repo.SessionView], int]:
+            sessions = repo.open_sessions(conn, court_id)
+            since = sessions[0].started_at if sessions else None
+            return sessions, repo.highlight_count(conn, court_id, since) if since else 0
+
+        sessions, count = await self._db.read(read)
         court = self.courts[court_id]
         return {
             "court_id": court_id,

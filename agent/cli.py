@@ -274,14 +274,14 @@ def members_show(
         async with Database(cfg.db_path) as db:
             found = None
             with contextlib.suppress(ValueError):  # not a card id: try it as a member id below
-                found = await repo.lookup(db.reader, card_id=normalize_card_id(key))
+                found = await db.read(repo.lookup, card_id=normalize_card_id(key))
             if found is None or found.member is None:
-                found = await repo.lookup(db.reader, member_id=key)
+                found = await db.read(repo.lookup, member_id=key)
             if found.member is None:
                 err.print(f"no member with card or id '{key}' (member list v{found.cache.version})", markup=False)
                 return 1
             m = found.member
-            cards = await repo.cards_of(db.reader, m.member_id)
+            cards = await db.read(repo.cards_of, m.member_id)
             table = Table(show_header=False, box=None)
             table.add_row("member", f"{m.member_id}  {m.first_name}")
             table.add_row("status", m.status.value)
@@ -509,8 +509,8 @@ def outbox_status(config: ConfigOpt = DEFAULT_CONFIG_PATH) -> None:
 
     async def work(cfg: Config, db: Database) -> tuple[Any, ...]:
         names = sorted(set(cfg.destinations) | set(await status.known_destinations(db)))
-        pruned = await repo.get_kv(db, retention.PRUNED_TOTAL_KEY)
-        pruned_at = await repo.get_kv(db, retention.PRUNED_AT_KEY)
+        pruned = await db.read(repo.get_kv, retention.PRUNED_TOTAL_KEY)
+        pruned_at = await db.read(repo.get_kv, retention.PRUNED_AT_KEY)
         return await status.destination_states(db, names), await feed.state(db), pruned, pruned_at
 
     cfg, (states, feed_state, pruned, pruned_at) = _outbox(config, work)

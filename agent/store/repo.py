@@ -1,8 +1,10 @@
-"""SQL for the hot path and its neighbours. Every function takes the connection of an open transaction
-(or the database for reads) so callers decide what commits together."""
+"""SQL for the hot path and its neighbours: plain functions over a sqlite3 connection, run on the store's thread
+by `Database.write` (inside the caller's transaction, so callers decide what commits together) or
+`Database.read`."""
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -10,11 +12,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, time
 from typing import Any
 
-import aiosqlite
 from uuid6 import uuid7
 
 from ..domain.model import CacheInfo, Member, MemberState, MemberStatus, OpenSession, TimeWindow
-from .db import Database
 
 # Which destinations learn of which event type. Ziggy knows sessions and consumption; the cloud knows all.
 ROUTES: dict[str, tuple[str, ...]] = {
@@ -62,15 +62,20 @@ class NewEvent:
     device_id: str | None = None
 
 
-async def append_events(
-    conn: aiosqlite.Connection, stamp: Stamp, events: Sequence[NewEvent], destinations: Iterable[str]
+@functools.cache
+def _delivery_rows(n: int) -> str:
+    return "INSERT INTO deliveries (destination, seq) VALUES " + ", ".join(["(?, ?)"] * n)  # noqa: S608  # placeholders only
+
+
+def append_events(
+    conn: sqlite3.Connection, stamp: Stamp, events: Sequence[NewEvent], destinations: Iterable[str]
 ) -> list[tuple[int, str]]:
     """Append events and their delivery rows; returns (seq, event_id) per event."""
     enabled = set(destinations)
     out = []
     for ev in events:
         event_id = new_id()
-        cursor = await conn.execute(
+        cursor = conn.execute(
             "INSERT INTO events (event_id, type, occurred_at, mono_ns, boot_id, clock_synced, session_id,"
             " device_id, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -88,10 +93,8 @@ async def append_events(
         seq = cursor.lastrowid
         assert seq is not None
         targets = [d for d in ROUTES.get(ev.type, ("cloud",)) if d in enabled]
-        if targets:
-            await conn.executemany(
-                "INSERT INTO deliveries (destination, seq) VALUES (?, ?)", [(d, seq) for d in targets]
-            )
+        if targets:  # one statement for the event's rows: cheaper than executemany for one or two
+            conn.execute(_delivery_rows(len(targets)), [v for d in targets for v in (d, seq)])
         out.append((seq, event_id))
     return out
 
@@ -174,8 +177,8 @@ def _lookup_from_row(row: sqlite3.Row) -> Lookup:
     return Lookup(member, state, cache)
 
 
-async def lookup(
-    conn: aiosqlite.Connection,
+def lookup(
+    conn: sqlite3.Connection,
     *,
     card_id: str | None = None,
     member_code: str | None = None,
@@ -189,20 +192,19 @@ async def lookup(
         sql, key = _BY_ID, member_id
     else:
         raise ValueError("lookup needs a card id, member code or member id")
-    rows = list(await conn.execute_fetchall(sql, (key,)))
-    return _lookup_from_row(rows[0])
+    return _lookup_from_row(conn.execute(sql, (key,)).fetchone())
 
 
-async def cards_of(conn: aiosqlite.Connection, member_id: str) -> list[str]:
-    rows = await conn.execute_fetchall("SELECT card_id FROM cards WHERE member_id = ? ORDER BY card_id", (member_id,))
+def cards_of(conn: sqlite3.Connection, member_id: str) -> list[str]:
+    rows = conn.execute("SELECT card_id FROM cards WHERE member_id = ? ORDER BY card_id", (member_id,)).fetchall()
     return [r[0] for r in rows]
 
 
 # -- sessions --------------------------------------------------------------------------------------------------
 
 
-async def open_session(
-    conn: aiosqlite.Connection,
+def open_session(
+    conn: sqlite3.Connection,
     *,
     session_id: str,
     member_id: str,
@@ -212,15 +214,15 @@ async def open_session(
     started_at: datetime,
     list_version: int,
 ) -> None:
-    await conn.execute(
+    conn.execute(
         "INSERT INTO sessions (session_id, member_id, court_id, card_id, opened_by, started_at, list_version)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
         (session_id, member_id, court_id, card_id, opened_by, to_ms(started_at), list_version),
     )
 
 
-async def close_session(conn: aiosqlite.Connection, session_id: str, ended_at: datetime, reason: str) -> bool:
-    cursor = await conn.execute(
+def close_session(conn: sqlite3.Connection, session_id: str, ended_at: datetime, reason: str) -> bool:
+    cursor = conn.execute(
         "UPDATE sessions SET ended_at = ?, end_reason = ? WHERE session_id = ? AND ended_at IS NULL",
         (to_ms(ended_at), reason, session_id),
     )
@@ -259,17 +261,17 @@ def _session_view(row: sqlite3.Row) -> SessionView:
     )
 
 
-async def open_sessions(conn: aiosqlite.Connection, court_id: str | None = None) -> list[SessionView]:
+def open_sessions(conn: sqlite3.Connection, court_id: str | None = None) -> list[SessionView]:
     if court_id is None:
-        rows = await conn.execute_fetchall(_OPEN_SESSIONS_SQL.format(where=""))
+        rows = conn.execute(_OPEN_SESSIONS_SQL.format(where="")).fetchall()
     else:
-        rows = await conn.execute_fetchall(_OPEN_SESSIONS_SQL.format(where="AND s.court_id = ?"), (court_id,))
+        rows = conn.execute(_OPEN_SESSIONS_SQL.format(where="AND s.court_id = ?"), (court_id,)).fetchall()
     return [_session_view(r) for r in rows]
 
 
-async def session_by_id(conn: aiosqlite.Connection, session_id: str) -> sqlite3.Row | None:
-    rows = list(await conn.execute_fetchall("SELECT * FROM sessions WHERE session_id = ?", (session_id,)))
-    return rows[0] if rows else None
+def session_by_id(conn: sqlite3.Connection, session_id: str) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = conn.execute("SELECT * FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
+    return row
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,8 +288,8 @@ class ConsumptionLine:
         return self.quantity * self.unit_cents
 
 
-async def insert_consumption(
-    conn: aiosqlite.Connection,
+def insert_consumption(
+    conn: sqlite3.Connection,
     *,
     request_id: str,
     pos_id: str,
@@ -295,7 +297,7 @@ async def insert_consumption(
     lines: Sequence[ConsumptionLine],
     at: datetime,
 ) -> None:
-    await conn.executemany(
+    conn.executemany(
         "INSERT INTO consumption (line_id, request_id, pos_id, line_no, session_id, member_id, court_id, item_id,"
         " item_name, quantity, unit_cents, total_cents, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
@@ -319,31 +321,27 @@ async def insert_consumption(
     )
 
 
-async def session_consumption_cents(conn: aiosqlite.Connection, session_id: str) -> int:
-    rows = list(
-        await conn.execute_fetchall(
-            "SELECT COALESCE(SUM(total_cents), 0) FROM consumption WHERE session_id = ?", (session_id,)
-        )
-    )
-    return int(rows[0][0])
+def session_consumption_cents(conn: sqlite3.Connection, session_id: str) -> int:
+    (total,) = conn.execute(
+        "SELECT COALESCE(SUM(total_cents), 0) FROM consumption WHERE session_id = ?", (session_id,)
+    ).fetchone()
+    return int(total)
 
 
-async def highlight_count(conn: aiosqlite.Connection, court_id: str, since: datetime) -> int:
-    rows = list(
-        await conn.execute_fetchall(
-            "SELECT COUNT(*) FROM highlights WHERE court_id = ? AND pressed_at >= ?", (court_id, to_ms(since))
-        )
-    )
-    return int(rows[0][0])
+def highlight_count(conn: sqlite3.Connection, court_id: str, since: datetime) -> int:
+    (count,) = conn.execute(
+        "SELECT COUNT(*) FROM highlights WHERE court_id = ? AND pressed_at >= ?", (court_id, to_ms(since))
+    ).fetchone()
+    return int(count)
 
 
 # -- credits ---------------------------------------------------------------------------------------------------
 
 
-async def spend_credits(
-    conn: aiosqlite.Connection, member_id: str, amount: int, session_id: str, event_id: str, at: datetime
+def spend_credits(
+    conn: sqlite3.Connection, member_id: str, amount: int, session_id: str, event_id: str, at: datetime
 ) -> None:
-    await conn.execute(
+    conn.execute(
         "INSERT INTO credit_ledger (member_id, delta, session_id, event_id, created_at) VALUES (?, ?, ?, ?, ?)",
         (member_id, -amount, session_id, event_id, to_ms(at)),
     )
@@ -352,35 +350,31 @@ async def spend_credits(
 # -- answered requests -----------------------------------------------------------------------------------------
 
 
-async def answered(conn: aiosqlite.Connection, device_id: str, msg_id: str) -> dict[str, Any] | None:
-    rows = list(
-        await conn.execute_fetchall(
-            "SELECT response FROM device_requests WHERE device_id = ? AND msg_id = ?", (device_id, msg_id)
-        )
-    )
-    return json.loads(rows[0][0]) if rows else None
+def answered(conn: sqlite3.Connection, device_id: str, msg_id: str) -> dict[str, Any] | None:
+    row = conn.execute(
+        "SELECT response FROM device_requests WHERE device_id = ? AND msg_id = ?", (device_id, msg_id)
+    ).fetchone()
+    return None if row is None else dict(json.loads(row[0]))
 
 
-async def remember_answer(
-    conn: aiosqlite.Connection, device_id: str, msg_id: str, response: dict[str, Any], at: datetime
+def remember_answer(
+    conn: sqlite3.Connection, device_id: str, msg_id: str, response: dict[str, Any], at: datetime
 ) -> None:
-    await conn.execute(
+    conn.execute(
         "INSERT OR REPLACE INTO device_requests (device_id, msg_id, response, created_at) VALUES (?, ?, ?, ?)",
         (device_id, msg_id, json.dumps(response, separators=(",", ":"), ensure_ascii=False), to_ms(at)),
     )
 
 
-async def forget_answers_before(db: Database, before: datetime) -> int:
-    async with db.transaction("pruning answered requests") as conn:
-        cursor = await conn.execute("DELETE FROM device_requests WHERE created_at < ?", (to_ms(before),))
-        return cursor.rowcount
+def forget_answers_before(conn: sqlite3.Connection, before: datetime) -> int:
+    return conn.execute("DELETE FROM device_requests WHERE created_at < ?", (to_ms(before),)).rowcount
 
 
 # -- highlights ------------------------------------------------------------------------------------------------
 
 
-async def insert_highlight(
-    conn: aiosqlite.Connection,
+def insert_highlight(
+    conn: sqlite3.Connection,
     *,
     highlight_id: str,
     court_id: str,
@@ -391,7 +385,7 @@ async def insert_highlight(
     duration_ms: int,
     kind: str,
 ) -> None:
-    await conn.execute(
+    conn.execute(
         "INSERT INTO highlights (highlight_id, court_id, session_id, button_id, pressed_at, start_at, duration_ms,"
         " kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (highlight_id, court_id, session_id, button_id, to_ms(pressed_at), to_ms(start_at), duration_ms, kind),
@@ -401,13 +395,13 @@ async def insert_highlight(
 # -- small durable facts ---------------------------------------------------------------------------------------
 
 
-async def get_kv(db: Database, key: str) -> str | None:
-    row = await db.fetchone("SELECT value FROM kv WHERE key = ?", (key,))
+def get_kv(conn: sqlite3.Connection, key: str) -> str | None:
+    row = conn.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
     return None if row is None else str(row[0])
 
 
-async def set_kv(conn: aiosqlite.Connection, key: str, value: str) -> None:
-    await conn.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
+def set_kv(conn: sqlite3.Connection, key: str, value: str) -> None:
+    conn.execute("INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (key, value))
 
 
 # -- clock correction (DESIGN 3) ----------------------------------------------------------------------------
@@ -431,22 +425,18 @@ def _shift_iso(value: Any, offset_ms: int) -> Any:
     return iso(from_ms(_parse_iso_ms(value) + offset_ms))
 
 
-async def correct_unsynced(
-    conn: aiosqlite.Connection, boot_id: str, wall: datetime, mono_ns: int
-) -> list[dict[str, Any]]:
+def correct_unsynced(conn: sqlite3.Connection, boot_id: str, wall: datetime, mono_ns: int) -> list[dict[str, Any]]:
     """Re-stamp this boot's events stamped before the clock synced, from monotonic time: the true wall time of
     an event is now - (monotonic now - its monotonic stamp). The event rows (and the times their data and the
     session, highlight and consumption rows carry) are corrected in the caller's transaction; the first stamp
     stays in occurred_at_unsynced. Returns the corrections, for a clock.corrected event (receivers that already
     took an event with its first stamp fix it from that). Stamps of earlier boots cannot be corrected: their
     monotonic clock is gone, and they stay marked clock_synced = false."""
-    rows = list(
-        await conn.execute_fetchall(
-            "SELECT seq, event_id, type, occurred_at, mono_ns, session_id, data FROM events"
-            " WHERE boot_id = ? AND clock_synced = 0 ORDER BY seq",
-            (boot_id,),
-        )
-    )
+    rows = conn.execute(
+        "SELECT seq, event_id, type, occurred_at, mono_ns, session_id, data FROM events"
+        " WHERE boot_id = ? AND clock_synced = 0 ORDER BY seq",
+        (boot_id,),
+    ).fetchall()
     now_ms = to_ms(wall)
     corrections: list[dict[str, Any]] = []
     started_offsets: dict[str, int] = {}  # session id -> offset of its start, corrected in this pass
@@ -460,29 +450,27 @@ async def correct_unsynced(
         session_id = row["session_id"]
         if row["type"] == "session.started" and session_id:
             started_offsets[session_id] = offset
-            await conn.execute(
-                "UPDATE sessions SET started_at = started_at + ? WHERE session_id = ?", (offset, session_id)
-            )
+            conn.execute("UPDATE sessions SET started_at = started_at + ? WHERE session_id = ?", (offset, session_id))
         elif row["type"] == "session.ended" and session_id:
             if session_id in started_offsets and "started_at" in data:
                 data["started_at"] = _shift_iso(data["started_at"], started_offsets[session_id])
             if isinstance(data.get("started_at"), str) and isinstance(data.get("ended_at"), str):
                 minutes = (_parse_iso_ms(data["ended_at"]) - _parse_iso_ms(data["started_at"])) // 60_000
                 data["duration_minutes"] = max(0, minutes)
-            await conn.execute(
+            conn.execute(
                 "UPDATE sessions SET ended_at = ended_at + ? WHERE session_id = ? AND ended_at IS NOT NULL",
                 (offset, session_id),
             )
         elif row["type"] == "highlight.created" and data.get("highlight_id"):
-            await conn.execute(
+            conn.execute(
                 "UPDATE highlights SET pressed_at = pressed_at + ?, start_at = start_at + ? WHERE highlight_id = ?",
                 (offset, offset, data["highlight_id"]),
             )
         elif row["type"] == "consumption.recorded" and data.get("line_id"):
-            await conn.execute(
+            conn.execute(
                 "UPDATE consumption SET recorded_at = recorded_at + ? WHERE line_id = ?", (offset, data["line_id"])
             )
-        await conn.execute(
+        conn.execute(
             "UPDATE events SET occurred_at = ?, occurred_at_unsynced = occurred_at, clock_synced = 1,"
             " data = ? WHERE seq = ?",
             (true_ms, json.dumps(data, separators=(",", ":")), row["seq"]),

@@ -198,13 +198,13 @@ async def test_a_delta_brings_changes_and_tombstones_remove_members_with_their_c
             # Bruno's code moved to Gil: the sandbox sends Bruno's tombstone, Ana and Gil.
             got = (delta.full, delta.upserts, delta.tombstones, delta.members, delta.version)
             assert got == (False, 2, 1, 6, 2)
-            assert await repo.cards_of(db.reader, "m-bruno") == []
-            assert (await repo.lookup(db.reader, card_id=BRUNO)).member is None
-            found = await repo.lookup(db.reader, card_id="04ABCDEF")
+            assert await db.read(repo.cards_of, "m-bruno") == []
+            assert (await db.read(repo.lookup, card_id=BRUNO)).member is None
+            found = await db.read(repo.lookup, card_id="04ABCDEF")
             assert found.member is not None
             assert found.member.first_name == "Ana Maria"
             assert found.member.credits == 9
-            gil = await repo.lookup(db.reader, member_code="1002")
+            gil = await db.read(repo.lookup, member_code="1002")
             assert gil.member is not None
             assert gil.member.member_id == "m-gil"
             assert await tables(db) == await as_imported(tmp_path, server)
@@ -240,7 +240,7 @@ async def test_codes_and_cards_that_change_hands_follow_the_newest_record(
             delta = await sync.run()
             assert delta.full is False
             assert await tables(db) == await as_imported(tmp_path, server)
-            found = await repo.lookup(db.reader, member_code=one["member_code"])
+            found = await db.read(repo.lookup, member_code=one["member_code"])
             assert found.member is not None
             assert found.member.member_id == "m-000002"
 
@@ -420,7 +420,7 @@ async def test_cursor_expired_after_a_cloud_reset_resyncs_from_scratch(
             with capture_logs() as logs:
                 result = await sync.run()
             assert (result.full, result.members, result.version) == (True, 200, 3)
-            assert (await repo.lookup(db.reader, member_id="m-new")).member is None
+            assert (await db.read(repo.lookup, member_id="m-new")).member is None
             assert await tables(db) == await as_imported(tmp_path, server)
             assert [e["event"] for e in logs if e["event"] == "members_cursor_expired"] == ["members_cursor_expired"]
         finally:
@@ -485,7 +485,7 @@ async def test_malformed_records_are_skipped_logged_and_counted(tmp_path: Path) 
             finally:
                 await sync.aclose()
             assert (result.upserts, result.tombstones, result.skipped, result.members) == (2, 1, 6, 2)
-            eva = await repo.lookup(db.reader, card_id="04CC")
+            eva = await db.read(repo.lookup, card_id="04CC")
             assert eva.member is not None
             assert (eva.member.member_id, eva.member.credits) == ("m-5", 7)
     skipped = [e for e in logs if e["event"] == "member_skipped"]
@@ -580,7 +580,7 @@ async def test_offline_spending_is_confirmed_by_a_sync_after_the_cloud_accepted_
     assert sync is not None
 
     async def ana() -> tuple[int | None, int]:
-        found = await repo.lookup(premises.agent.db.reader, card_id=ANA)  # type: ignore[union-attr]
+        found = await premises.agent.db.read(repo.lookup, card_id=ANA)  # type: ignore[union-attr]
         assert found.member is not None
         return found.member.credits, found.state.pending_credits
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -62,8 +63,8 @@ async def append(premises: Premises, n: int, kind: str = "access.decided") -> li
     db = premises.agent.db
     assert db is not None
     stamp = Stamp(premises.clock.wall(), premises.clock.monotonic_ns(), "boot-test", True)
-    async with db.transaction() as conn:
-        written = await append_events(conn, stamp, [NewEvent(kind, {"i": i}) for i in range(n)], ["ziggy", "cloud"])
+    events = [NewEvent(kind, {"i": i}) for i in range(n)]
+    written = await db.write("test", append_events, stamp, events, ["ziggy", "cloud"])
     return [seq for seq, _ in written]
 
 
@@ -218,11 +219,15 @@ async def test_requeue_all_works_in_short_transactions_with_one_audit_row(
     data = tmp_path / "data"
     async with Database(data / "agent.db") as db:
         stamp = Stamp(datetime.now(UTC), 1, "boot", True)
-        async with db.transaction() as conn:
-            written = await append_events(conn, stamp, [NewEvent(POISON, {}) for _ in range(10)], ["cloud"])
-            await conn.execute(
+
+        def poison(conn: sqlite3.Connection) -> list[tuple[int, str]]:
+            written = append_events(conn, stamp, [NewEvent(POISON, {}) for _ in range(10)], ["cloud"])
+            conn.execute(
                 "UPDATE deliveries SET state = 'dead', attempts = 3, last_error = 'rejected by the cloud: unknown_type'"
             )
+            return written
+
+        written = await db.write("test", poison)
     config = tmp_path / "agent.toml"
     config.write_text(f'[agent]\ndata_dir = "{data}"\n')
     done = await club_agent("outbox", "requeue", "--all", "-d", "cloud", "-c", str(config), actor="ops-bia")

@@ -60,8 +60,7 @@ async def append(
     assert db is not None
     stamp = Stamp(premises.clock.wall(), premises.clock.monotonic_ns(), "boot-test", True)
     events = [NewEvent(kind, {"i": i, "name": 'Ana "Bia" Çé'}, session_id, "r1") for i in range(n)]
-    async with db.transaction() as conn:
-        written = await append_events(conn, stamp, events, premises.config.destinations)
+    written = await db.write("test", append_events, stamp, events, premises.config.destinations)
     return [seq for seq, _ in written]
 
 

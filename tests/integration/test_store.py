@@ -3,6 +3,7 @@ member import files, applying member lists, lookups, the one-open-session rule a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import json
@@ -41,7 +42,7 @@ async def apply(db: Database, records: list[MemberRecord], **kwargs: Any) -> Any
 
 
 async def by_card(db: Database, card: str) -> repo.Lookup:
-    return await repo.lookup(db.reader, card_id=card)
+    return await db.read(repo.lookup, card_id=card)
 
 
 async def scalar(db: Database, sql: str, params: tuple[Any, ...] = ()) -> Any:
@@ -130,7 +131,7 @@ class Boom(Exception):
 async def test_transaction_commits_on_success(db: Database) -> None:
     async with db.transaction() as conn:
         await conn.execute("INSERT INTO kv (key, value) VALUES ('a', '1')")
-    assert await repo.get_kv(db, "a") == "1"
+    assert await db.read(repo.get_kv, "a") == "1"
 
 
 async def test_transaction_rolls_back_on_exception(db: Database) -> None:
@@ -147,7 +148,7 @@ async def test_transaction_rolls_back_on_exception(db: Database) -> None:
     # The writer is usable again afterwards.
     async with db.transaction() as conn:
         await conn.execute("INSERT INTO kv (key, value) VALUES ('c', '3')")
-    assert await repo.get_kv(db, "c") == "3"
+    assert await db.read(repo.get_kv, "c") == "3"
 
 
 async def test_sqlite_errors_in_a_transaction_become_store_errors(db: Database) -> None:
@@ -166,6 +167,111 @@ async def test_reader_never_sees_an_uncommitted_transaction(db: Database) -> Non
         async with conn.execute("SELECT value FROM kv WHERE key = 'pending'") as cur:
             assert [tuple(r) for r in await cur.fetchall()] == [("x",)]  # the writer sees its own write
     assert [tuple(r) for r in await db.fetchall("SELECT key, value FROM kv")] == [("pending", "x")]
+
+
+# -- group commit ----------------------------------------------------------------------------------------------
+
+
+def put(conn: sqlite3.Connection, key: str, value: str) -> str:
+    conn.execute("INSERT INTO kv (key, value) VALUES (?, ?)", (key, value))
+    return key
+
+
+def put_then_fail(conn: sqlite3.Connection, key: str) -> None:
+    conn.execute("INSERT INTO kv (key, value) VALUES (?, 'half')", (key,))
+    raise Boom(key)
+
+
+async def kv(db: Database) -> dict[str, str]:
+    return {r["key"]: r["value"] for r in await db.fetchall("SELECT key, value FROM kv")}
+
+
+async def test_writes_queued_together_share_one_commit(db: Database) -> None:
+    before = db.group_commits
+    keys = await asyncio.gather(*(db.write("test", put, f"k{i}", str(i)) for i in range(64)))
+    assert keys == [f"k{i}" for i in range(64)]
+    assert db.group_commits - before == 1  # all 64 were queued before the first commit began
+    assert await kv(db) == {f"k{i}": str(i) for i in range(64)}
+    # later writers see what the earlier ones of the same group wrote, in queue order
+    seen = await asyncio.gather(
+        db.write("test", put, "a", "1"),
+        db.write("test", lambda conn: conn.execute("SELECT value FROM kv WHERE key = 'a'").fetchone()[0]),
+    )
+    assert seen == ["a", "1"]
+
+
+async def test_a_failing_write_is_undone_alone(db: Database) -> None:
+    results = await asyncio.gather(
+        db.write("test", put, "first", "1"),
+        db.write("test", put_then_fail, "broken"),
+        db.write("adding a duplicate", put, "first", "again"),  # UNIQUE: refused, the first stays
+        db.write("test", put, "last", "3"),
+        return_exceptions=True,
+    )
+    assert results[0] == "first"
+    assert isinstance(results[1], Boom)
+    assert isinstance(results[2], StoreError)
+    assert "adding a duplicate" in str(results[2])
+    assert isinstance(results[2].__cause__, sqlite3.IntegrityError)
+    assert results[3] == "last"
+    assert await kv(db) == {"first": "1", "last": "3"}
+    assert not db.conn.in_transaction
+
+
+async def test_a_lone_failing_write_leaves_nothing(db: Database) -> None:
+    with pytest.raises(Boom):
+        await db.write("test", put_then_fail, "alone")
+    assert await kv(db) == {}
+    assert await db.write("test", put, "after", "ok") == "after"
+
+
+async def test_a_write_cancelled_before_it_is_taken_is_never_run(db: Database) -> None:
+    async with db.transaction() as conn:  # holds the writer: the writes below queue
+        first = asyncio.ensure_future(db.write("test", put, "kept", "1"))
+        dropped = asyncio.ensure_future(db.write("test", put, "dropped", "1"))
+        await asyncio.sleep(0)
+        dropped.cancel()
+        await conn.execute("INSERT INTO kv (key, value) VALUES ('tx', '1')")
+    assert await first == "kept"
+    with pytest.raises(asyncio.CancelledError):
+        await dropped
+    assert await kv(db) == {"tx": "1", "kept": "1"}
+
+
+async def test_closing_commits_what_was_queued(tmp_path: Path) -> None:
+    async with Database(tmp_path / "agent.db") as db:
+        pending = [asyncio.ensure_future(db.write("test", put, f"k{i}", "v")) for i in range(10)]
+        await asyncio.sleep(0)
+    assert [p.result() for p in pending] == [f"k{i}" for i in range(10)]
+    async with Database(tmp_path / "agent.db") as db:
+        assert len(await kv(db)) == 10
+
+
+async def test_a_transaction_cancelled_while_beginning_leaves_the_writer_clean(db: Database) -> None:
+    # Another connection holds SQLite's write lock, so BEGIN IMMEDIATE waits (busy_timeout) on aiosqlite's
+    # thread; the task is cancelled meanwhile.
+    blocker = sqlite3.connect(db.path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+
+        async def begin() -> None:
+            async with db.transaction():
+                pass
+
+        task = asyncio.ensure_future(begin())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        await asyncio.sleep(0.1)
+        blocker.execute("ROLLBACK")
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        blocker.close()
+    assert not db.conn.in_transaction
+    assert await db.write("test", put, "after", "ok") == "after"
+    async with db.transaction() as conn:
+        await conn.execute("INSERT INTO kv (key, value) VALUES ('tx', '1')")
+    assert await kv(db) == {"after": "ok", "tx": "1"}
 
 
 # -- corruption and recovery -----------------------------------------------------------------------------------
@@ -199,9 +305,12 @@ async def make_damaged_db(path: Path, kind: str) -> dict[str, int]:
     """A closed database with members, events and kv rows, then damaged; returns the row counts it had."""
     async with Database(path) as db:
         await apply(db, [member("m1", cards=["0A01"]), member("m2", cards=["0B01"]), member("m3")])
-        async with db.transaction() as conn:
-            await repo.append_events(conn, STAMP, [repo.NewEvent("session.started", {"n": 1})], ("ziggy", "cloud"))
-            await repo.set_kv(conn, "k", "v")
+
+        def fill(conn: sqlite3.Connection) -> None:
+            repo.append_events(conn, STAMP, [repo.NewEvent("session.started", {"n": 1})], ("ziggy", "cloud"))
+            repo.set_kv(conn, "k", "v")
+
+        await db.write("test", fill)
         if kind == "page-2-onward":  # with enough rows that tables span many pages
             await apply(db, [member(f"x{i}", cards=[f"{i:08X}"]) for i in range(2000)])
         counts = {t: await scalar(db, f"SELECT COUNT(*) FROM {t}") for t in SALVAGE_TABLES}  # noqa: S608
@@ -242,7 +351,7 @@ async def test_recover_moves_a_corrupt_file_aside_and_reports(db_path: Path, kin
         assert await scalar(db, "SELECT COUNT(*) FROM member_list") == 1  # the list row survives a failed salvage
         assert await scalar(db, "SELECT COUNT(*) FROM members") == 0
         if kind == "members-page":
-            assert await repo.get_kv(db, "k") == "v"
+            assert await db.read(repo.get_kv, "k") == "v"
             assert await scalar(db, "SELECT COUNT(*) FROM deliveries") == 2
         await apply(db, [member("m1", cards=["0A01"])])
         assert (await by_card(db, "0A01")).member is not None
@@ -255,8 +364,9 @@ async def test_recover_salvages_every_row_of_a_healthy_database(db_path: Path) -
             [member(f"m{i}", f"N{i}", cards=[f"AA{i:06X}"], member_code=f"{1000 + i}", credits=i) for i in range(50)],
             synced_at=T0,
         )
-        async with db.transaction() as conn:
-            await repo.open_session(
+
+        def fill(conn: sqlite3.Connection) -> None:
+            repo.open_session(
                 conn,
                 session_id="s-old",
                 member_id="m1",
@@ -266,8 +376,8 @@ async def test_recover_salvages_every_row_of_a_healthy_database(db_path: Path) -
                 started_at=T0 - timedelta(hours=3),
                 list_version=1,
             )
-            await repo.close_session(conn, "s-old", T0 - timedelta(hours=2), "tap")
-            await repo.open_session(
+            repo.close_session(conn, "s-old", T0 - timedelta(hours=2), "tap")
+            repo.open_session(
                 conn,
                 session_id="s-open",
                 member_id="m1",
@@ -277,7 +387,7 @@ async def test_recover_salvages_every_row_of_a_healthy_database(db_path: Path) -
                 started_at=T0,
                 list_version=1,
             )
-            events = await repo.append_events(
+            events = repo.append_events(
                 conn,
                 STAMP,
                 [
@@ -286,9 +396,9 @@ async def test_recover_salvages_every_row_of_a_healthy_database(db_path: Path) -
                 ],
                 ("ziggy", "cloud"),
             )
-            await repo.spend_credits(conn, "m1", 1, "s-open", events[1][1], T0)
-            await repo.remember_answer(conn, "reader-c2", "msg-1", {"status": "granted"}, T0)
-            await repo.insert_highlight(
+            repo.spend_credits(conn, "m1", 1, "s-open", events[1][1], T0)
+            repo.remember_answer(conn, "reader-c2", "msg-1", {"status": "granted"}, T0)
+            repo.insert_highlight(
                 conn,
                 highlight_id="h1",
                 court_id="c2",
@@ -299,7 +409,9 @@ async def test_recover_salvages_every_row_of_a_healthy_database(db_path: Path) -
                 duration_ms=30000,
                 kind="short",
             )
-            await repo.set_kv(conn, "last_trusted_wall", "1772461800123")
+            repo.set_kv(conn, "last_trusted_wall", "1772461800123")
+
+        await db.write("test", fill)
         before = {table: await table_rows(db, table) for table in SALVAGE_TABLES}
     assert all(before[t] for t in SALVAGE_TABLES), "every table should hold something to salvage"
     max_seq = max(r[0] for r in before["events"])
@@ -321,8 +433,7 @@ async def test_recover_salvages_every_row_of_a_healthy_database(db_path: Path) -
         assert found.cache.version == 1
         assert found.cache.synced_at == T0
         # New events continue after the salvaged ones: seq never goes back.
-        async with db.transaction() as conn:
-            [(seq, _)] = await repo.append_events(conn, STAMP, [repo.NewEvent("session.ended", {})], ("cloud",))
+        [(seq, _)] = await db.write("test", repo.append_events, STAMP, [repo.NewEvent("session.ended", {})], ("cloud",))
         assert seq > max_seq
 
 
@@ -500,7 +611,7 @@ async def test_upsert_bumps_version_and_counts_members(db: Database) -> None:
     row = await db.fetchone("SELECT version, members, source, synced_at FROM member_list")
     assert row is not None
     assert tuple(row) == (2, 4, "test", None)
-    assert (await repo.lookup(db.reader, member_id="m3")).member.first_name == "Carla"  # type: ignore[union-attr]
+    assert (await db.read(repo.lookup, member_id="m3")).member.first_name == "Carla"  # type: ignore[union-attr]
 
 
 async def test_replace_removes_members_absent_from_the_new_list(db: Database) -> None:
@@ -531,14 +642,14 @@ async def test_card_moved_to_another_member_resolves_to_the_new_one(db: Database
     found = await by_card(db, "04A1B2C3")
     assert found.member is not None
     assert found.member.member_id == "b"
-    assert await repo.cards_of(db.reader, "a") == []
-    assert await repo.cards_of(db.reader, "b") == ["04A1B2C3"]
+    assert await db.read(repo.cards_of, "a") == []
+    assert await db.read(repo.cards_of, "b") == ["04A1B2C3"]
 
 
 async def test_member_code_moved_to_another_member(db: Database) -> None:
     await apply(db, [member("a", member_code="1234"), member("b")])
     await apply(db, [member("b", "Bruno", member_code="1234")])
-    found = await repo.lookup(db.reader, member_code="1234")
+    found = await db.read(repo.lookup, member_code="1234")
     assert found.member is not None
     assert found.member.member_id == "b"
 
@@ -546,14 +657,14 @@ async def test_member_code_moved_to_another_member(db: Database) -> None:
 async def test_dates_are_whole_days_in_club_time_and_synced_at_is_kept(db: Database) -> None:
     synced = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
     await apply(db, [member("m1", valid_from="2026-01-01", valid_until="2026-03-31")], synced_at=synced)
-    found = await repo.lookup(db.reader, member_id="m1")
+    found = await db.read(repo.lookup, member_id="m1")
     assert found.member is not None
     assert found.member.valid_from == datetime(2026, 1, 1, 3, 0, tzinfo=UTC)
     assert found.member.valid_until == datetime(2026, 4, 1, 3, 0, tzinfo=UTC)
     assert found.cache.synced_at == synced
     # An import without synced_at does not reset it.
     await apply(db, [member("m2")])
-    assert (await repo.lookup(db.reader, member_id="m2")).cache.synced_at == synced
+    assert (await db.read(repo.lookup, member_id="m2")).cache.synced_at == synced
     assert await scalar(db, "SELECT synced_at FROM member_list") == repo.to_ms(synced)
 
 
@@ -568,7 +679,7 @@ async def test_dates_are_whole_days_in_club_time_and_synced_at_is_kept(db: Datab
 )
 async def test_valid_until_as_a_datetime_is_that_instant(db: Database, given: str, expected: datetime) -> None:
     await apply(db, [member("m1", valid_until=given)])
-    found = await repo.lookup(db.reader, member_id="m1")
+    found = await db.read(repo.lookup, member_id="m1")
     assert found.member is not None
     assert found.member.valid_until == expected
 
@@ -601,9 +712,10 @@ async def test_lookup_by_card_code_and_id_with_session_ledger_and_last_checkin(d
         synced_at=T0,
     )
     earlier = T0 - timedelta(days=1)
-    async with db.transaction() as conn:
+
+    def fill(conn: sqlite3.Connection) -> None:
         for session_id, started in (("s-yesterday", earlier), ("s-now", T0)):
-            await repo.open_session(
+            repo.open_session(
                 conn,
                 session_id=session_id,
                 member_id="m1",
@@ -614,16 +726,17 @@ async def test_lookup_by_card_code_and_id_with_session_ledger_and_last_checkin(d
                 list_version=1,
             )
             if session_id == "s-yesterday":
-                await repo.close_session(conn, session_id, earlier + timedelta(hours=1), "tap")
-        await conn.execute(
+                repo.close_session(conn, session_id, earlier + timedelta(hours=1), "tap")
+        conn.execute(
             "INSERT INTO credit_ledger (member_id, delta, session_id, event_id, created_at, confirmed)"
             " VALUES ('m1', -1, 's-now', 'e1', ?, 0), ('m1', -2, 's-yesterday', 'e0', ?, 1),"
             " ('m2', -4, NULL, 'e2', ?, 0)",
             (repo.to_ms(T0), repo.to_ms(earlier), repo.to_ms(T0)),
         )
 
-    by_code = await repo.lookup(db.reader, member_code="1001")
-    by_id = await repo.lookup(db.reader, member_id="m1")
+    await db.write("test", fill)
+    by_code = await db.read(repo.lookup, member_code="1001")
+    by_id = await db.read(repo.lookup, member_id="m1")
     found = await by_card(db, "04A1B2C3")
     assert found == by_code == by_id
     assert found.member is not None
@@ -636,7 +749,7 @@ async def test_lookup_by_card_code_and_id_with_session_ledger_and_last_checkin(d
     assert found.state.last_checkin_at == T0
     assert (found.cache.version, found.cache.synced_at) == (1, T0)
 
-    other = await repo.lookup(db.reader, member_id="m2")
+    other = await db.read(repo.lookup, member_id="m2")
     assert other.state == MemberState(open_session=None, last_checkin_at=None, pending_credits=-4)
 
 
@@ -645,14 +758,14 @@ async def test_unknown_credentials_return_no_member_with_cache_version(db: Datab
     await apply(db, [member("m2")])
     for found in (
         await by_card(db, "DEADBEEF"),
-        await repo.lookup(db.reader, member_code="9999"),
-        await repo.lookup(db.reader, member_id="nobody"),
+        await db.read(repo.lookup, member_code="9999"),
+        await db.read(repo.lookup, member_id="nobody"),
     ):
         assert found.member is None
         assert found.state == MemberState()
         assert (found.cache.version, found.cache.synced_at) == (2, None)
     with pytest.raises(ValueError, match="needs"):
-        await repo.lookup(db.reader)
+        await db.read(repo.lookup)
 
 
 # -- one open session per member -------------------------------------------------------------------------------
@@ -662,17 +775,17 @@ async def test_at_most_one_open_session_per_member(db: Database) -> None:
     await apply(db, [member("m1")])
 
     async def open_one(session_id: str, court: str) -> None:
-        async with db.transaction("opening a session") as conn:
-            await repo.open_session(
-                conn,
-                session_id=session_id,
-                member_id="m1",
-                court_id=court,
-                card_id=None,
-                opened_by="tablet-desk",
-                started_at=T0,
-                list_version=1,
-            )
+        await db.write(
+            "opening a session",
+            repo.open_session,
+            session_id=session_id,
+            member_id="m1",
+            court_id=court,
+            card_id=None,
+            opened_by="tablet-desk",
+            started_at=T0,
+            list_version=1,
+        )
 
     await open_one("s1", "c1")
     with pytest.raises(StoreError, match="UNIQUE") as info:
@@ -681,11 +794,10 @@ async def test_at_most_one_open_session_per_member(db: Database) -> None:
     assert isinstance(info.value.__cause__, sqlite3.IntegrityError)
     assert [tuple(r) for r in await db.fetchall("SELECT session_id FROM sessions")] == [("s1",)]
 
-    async with db.transaction() as conn:
-        assert await repo.close_session(conn, "s1", T0 + timedelta(minutes=5), "tap") is True
-        assert await repo.close_session(conn, "s1", T0 + timedelta(minutes=6), "tap") is False
+    assert await db.write("test", repo.close_session, "s1", T0 + timedelta(minutes=5), "tap") is True
+    assert await db.write("test", repo.close_session, "s1", T0 + timedelta(minutes=6), "tap") is False
     await open_one("s2", "c2")
-    assert [s.session_id for s in await repo.open_sessions(db.reader)] == ["s2"]
+    assert [s.session_id for s in await db.read(repo.open_sessions)] == ["s2"]
 
 
 # -- the event log ---------------------------------------------------------------------------------------------
@@ -696,10 +808,14 @@ async def test_append_events_routes_deliveries_and_orders_by_seq(db: Database) -
         repo.NewEvent("access.decided", {"granted": True}, session_id="s1", device_id="reader-c1"),
         repo.NewEvent("session.started", {"court_id": "c1", "name": "Conceição"}, session_id="s1"),
     ]
-    async with db.transaction() as conn:
-        both = await repo.append_events(conn, STAMP, batch, ("ziggy", "cloud"))
-        cloud_only = await repo.append_events(conn, STAMP, batch, ("cloud",))
-        none = await repo.append_events(conn, STAMP, batch, ())
+
+    def append(conn: sqlite3.Connection) -> tuple[list[tuple[int, str]], ...]:
+        both = repo.append_events(conn, STAMP, batch, ("ziggy", "cloud"))
+        cloud_only = repo.append_events(conn, STAMP, batch, ("cloud",))
+        none = repo.append_events(conn, STAMP, batch, ())
+        return both, cloud_only, none
+
+    both, cloud_only, none = await db.write("test", append)
     out = both + cloud_only + none
 
     seqs = [seq for seq, _ in out]
