@@ -1,26 +1,30 @@
 """Outbox: durable enqueue against persist-queue, drain to the sandbox cloud, and a 1,000,000-event backlog.
 
-    .venv/bin/python benchmarks/outbox.py [--events 5000] [--repeat 3] [--drain-events 20000]
+    .venv/bin/python benchmarks/outbox.py [--events 5000] [--producers 8] [--repeat 3] [--drain-events 20000]
                                           [--ziggy-events 20000] [--backlog 1000000 | --quick]
                                           [--only enqueue,drain,backlog] [--backlog-timeout 600]
 
 Durable enqueue (`--events` items per path, `--repeat` rounds, medians; within a round the paths take turns 100
 items at a time, in rotating order, all under one temporary directory, so on one filesystem and under the same
-disk weather: this VM's fsync latency swings from 0.1 to 5 ms while other work runs):
-* agent: what a decision commits, through the agent's own code: `Database` (aiosqlite, WAL, synchronous=FULL) and
-  one `Database.transaction()` (BEGIN IMMEDIATE ... COMMIT) per item around `store.repo.append_events`, which writes
-  the event row and one delivery row per destination. The item is a `session.started` event (ROUTES sends it to
-  both ziggy and cloud: one event row + two delivery rows, ~230 bytes of JSON data). An `access.decided` event
-  (~270 bytes; ROUTES sends it to the cloud only, so one delivery row) is measured too, for information.
-* peer: persist-queue's `SQLiteAckQueue`, one `put()` per item, the same event (envelope + data, a fresh UUIDv7
-  event id per item, as the agent gives one) pickled by persist-queue. Durability is matched: `auto_commit=True`
-  (its default; the ack queue refuses anything else) commits every put in its own transaction; persist-queue puts
-  its connection in WAL itself; SQLite's `synchronous` is set to FULL on its put connection (persist-queue has no
-  option for it, so `PRAGMA synchronous = FULL` goes through its `_putter` connection) and both connections' pragmas
-  are read back and printed. So both sides fsync the WAL once per item (strace shows one fdatasync per commit).
-  `multithreading=False` (the default): one connection, puts called directly on the calling thread, the peer's
-  cheapest path (the agent may not block its event loop, so its SQLite work goes through aiosqlite's thread).
-* enqueue_ratio = agent / peer (session.started items), the median of the rounds' ratios. Budget >= 3x.
+disk weather: this VM's fsync latency swings from 0.1 to 5 ms while other work runs). `--producers` (default 8,
+the tap benchmark's readers) callers enqueue at once, each waiting until its item is durable before its next one,
+as a reader waits for its answer:
+* agent: what a decision commits, through the agent's own code: `Database.write` (the writer's thread, WAL,
+  synchronous=FULL) around `store.repo.append_events`, which writes the event row and one delivery row per
+  destination. Writes queued together share one transaction and one fsync (group commit); each caller is answered
+  after that COMMIT. The item is a `session.started` event (ROUTES sends it to both ziggy and cloud: one event row
+  + two delivery rows, ~230 bytes of JSON data). An `access.decided` event (~270 bytes; ROUTES sends it to the
+  cloud only, so one delivery row) is measured too, for information.
+* peer: persist-queue's `SQLiteAckQueue`, one `put()` per item from `--producers` threads (`multithreading=True`,
+  its thread-safe mode), the same event (envelope + data, a fresh UUIDv7 event id per item, as the agent gives one)
+  pickled by persist-queue. Durability is matched: `auto_commit=True` (its default; the ack queue refuses anything
+  else) commits every put in its own transaction before put returns; persist-queue puts its connection in WAL
+  itself; SQLite's `synchronous` is set to FULL on its put connection (persist-queue has no option for it, so
+  `PRAGMA synchronous = FULL` goes through its `_putter` connection) and both connections' pragmas are read back
+  and printed. So on both sides no item is acknowledged before an fsync of the WAL that holds it.
+* both again with one producer (`multithreading=False` for the peer: its cheapest path), for information.
+* enqueue_ratio = agent / peer at `--producers` (session.started items), the median of the rounds' ratios.
+  Budget >= 3x.
 
 Drain (`--drain-events` cloud events, `--ziggy-events` Ziggy events, each round on a fresh database): the events
 (a club's mix: overlapping sessions' check-in and check-out taps, a few denied taps) are written with the real
@@ -68,6 +72,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -415,17 +420,34 @@ def envelope(ev: NewEvent) -> dict[str, Any]:
     }
 
 
-async def agent_chunk(db: Database, items: Sequence[NewEvent]) -> None:
-    """Items as decisions commit them: one transaction each, event + delivery rows via append_events."""
-    for ev in items:
-        stamp = stamp_now()
-        async with db.transaction("recording a decision") as conn:
-            await repo.append_events(conn, stamp, [ev], DESTINATIONS)
+def slices(items: Sequence[NewEvent], producers: int) -> list[Sequence[NewEvent]]:
+    """Items dealt to producers round-robin, as taps arrive from several readers."""
+    return [items[k::producers] for k in range(producers) if items[k::producers]]
 
 
-def peer_chunk(queue: SQLiteAckQueue, items: Sequence[NewEvent]) -> None:
-    for ev in items:
-        queue.put(envelope(ev))
+async def agent_chunk(db: Database, items: Sequence[NewEvent], producers: int) -> None:
+    """Items as decisions commit them: each through `Database.write` (event + delivery rows via append_events),
+    `producers` callers at once, each awaiting its item's durable commit before its next one."""
+
+    async def producer(mine: Sequence[NewEvent]) -> None:
+        for ev in mine:
+            await db.write("recording a decision", repo.append_events, stamp_now(), [ev], DESTINATIONS)
+
+    await asyncio.gather(*(producer(mine) for mine in slices(items, producers)))
+
+
+def peer_chunk(queue: SQLiteAckQueue, pool: ThreadPoolExecutor, items: Sequence[NewEvent], producers: int) -> None:
+    """The same on persist-queue: `producers` threads, each put returning after its own commit."""
+
+    def producer(mine: Sequence[NewEvent]) -> None:
+        for ev in mine:
+            queue.put(envelope(ev))
+
+    if producers == 1:
+        producer(items)
+        return
+    for done in [pool.submit(producer, mine) for mine in slices(items, producers)]:
+        done.result()
 
 
 async def agent_durability(db: Database) -> Durability:
@@ -434,9 +456,10 @@ async def agent_durability(db: Database) -> Durability:
     return Durability(str(mode), int(sync))
 
 
-def open_peer(path: Path) -> tuple[SQLiteAckQueue, Durability]:
-    """persist-queue's ack queue at the agent's durability: WAL, synchronous=FULL, a commit per put."""
-    queue = SQLiteAckQueue(str(path), multithreading=False, auto_commit=True)
+def open_peer(path: Path, *, threads: bool) -> tuple[SQLiteAckQueue, Durability]:
+    """persist-queue's ack queue at the agent's durability: WAL, synchronous=FULL, a commit per put.
+    `multithreading=True` is its thread-safe mode (one connection, puts serialised by its lock)."""
+    queue = SQLiteAckQueue(str(path), multithreading=threads, auto_commit=True)
     putter = queue._putter  # persist-queue offers no option for `synchronous`: set it on its connection
     assert putter is not None
     putter.execute("PRAGMA synchronous = FULL")
@@ -445,48 +468,68 @@ def open_peer(path: Path) -> tuple[SQLiteAckQueue, Durability]:
     return queue, Durability(str(mode), int(sync))
 
 
-PATHS = ("agent", "peer", "agent_access")
+# path -> (which items, producers: "many" is --producers)
+PATHS = ("agent", "peer", "agent_access", "agent_1", "peer_1")
 
 
 async def enqueue_round(
-    base: Path, started: Sequence[NewEvent], access: Sequence[NewEvent], chunk: int, result: EnqueueResult
+    base: Path,
+    started: Sequence[NewEvent],
+    access: Sequence[NewEvent],
+    chunk: int,
+    producers: int,
+    result: EnqueueResult,
 ) -> dict[str, float]:
-    """One round: the three paths take turns, `chunk` items at a time (the order rotating), so a slow patch of
-    the disk (this VM's fsync latency varies from 0.1 to 5 ms) falls on all of them alike; each path's rate is its
-    items over the sum of its own chunks' times."""
+    """One round: the paths take turns, `chunk` items at a time (the order rotating), so a slow patch of the disk
+    (this VM's fsync latency varies from 0.1 to 5 ms) falls on all of them alike; each path's rate is its items
+    over the sum of its own chunks' times."""
     spent = dict.fromkeys(PATHS, 0.0)
     n = len(started)
-    async with Database(base / "agent" / "agent.db") as db, Database(base / "access" / "agent.db") as db_access:
-        queue, result.peer_durability = open_peer(base / "peer")
+    dbs = {who: Database(base / who / "agent.db") for who in ("agent", "agent_access", "agent_1")}
+    async with contextlib.AsyncExitStack() as stack:
+        for db in dbs.values():
+            await stack.enter_async_context(db)
+        queue, result.peer_durability = open_peer(base / "peer", threads=True)
+        queue_1, _ = open_peer(base / "peer_1", threads=False)
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=producers, thread_name_prefix="peer"))
         try:
             for i, at in enumerate(range(0, n, chunk)):
-                for who in PATHS[i % 3 :] + PATHS[: i % 3]:
+                turn = i % len(PATHS)
+                for who in PATHS[turn:] + PATHS[:turn]:
                     t0 = time.perf_counter()
                     if who == "agent":
-                        await agent_chunk(db, started[at : at + chunk])
+                        await agent_chunk(dbs[who], started[at : at + chunk], producers)
+                    elif who == "agent_access":
+                        await agent_chunk(dbs[who], access[at : at + chunk], producers)
+                    elif who == "agent_1":
+                        await agent_chunk(dbs[who], started[at : at + chunk], 1)
                     elif who == "peer":
-                        peer_chunk(queue, started[at : at + chunk])
+                        peer_chunk(queue, pool, started[at : at + chunk], producers)
                     else:
-                        await agent_chunk(db_access, access[at : at + chunk])
+                        peer_chunk(queue_1, pool, started[at : at + chunk], 1)
                     spent[who] += time.perf_counter() - t0
-            if queue.qsize() != n:
-                raise BenchError(f"persist-queue holds {queue.qsize()} items, expected {n}")
+            for q in (queue, queue_1):
+                if q.qsize() != n:
+                    raise BenchError(f"persist-queue holds {q.qsize()} items, expected {n}")
         finally:
             queue.close()
-        result.agent_durability = await agent_durability(db)
-        for database, rows_per_item in ((db, 2), (db_access, 1)):
-            rows = await database.fetchall("SELECT (SELECT COUNT(*) FROM events), (SELECT COUNT(*) FROM deliveries)")
+            queue_1.close()
+        result.agent_durability = await agent_durability(dbs["agent"])
+        result.writes_per_commit.append(dbs["agent"].group_writes / max(1, dbs["agent"].group_commits))
+        for who, rows_per_item in (("agent", 2), ("agent_access", 1), ("agent_1", 2)):
+            rows = await dbs[who].fetchall("SELECT (SELECT COUNT(*) FROM events), (SELECT COUNT(*) FROM deliveries)")
             if tuple(rows[0]) != (n, n * rows_per_item):
-                raise BenchError(f"agent enqueue wrote {tuple(rows[0])} rows, expected {n} events")
+                raise BenchError(f"agent enqueue ({who}) wrote {tuple(rows[0])} rows, expected {n} events")
     return {who: n / spent[who] for who in PATHS}
 
 
 @dataclass
 class EnqueueResult:
-    agent: list[float] = field(default_factory=list)
-    agent_access: list[float] = field(default_factory=list)
-    peer: list[float] = field(default_factory=list)
+    producers: int
+    rates: dict[str, list[float]] = field(default_factory=lambda: {who: [] for who in PATHS})
     ratios: list[float] = field(default_factory=list)
+    ratios_1: list[float] = field(default_factory=list)
+    writes_per_commit: list[float] = field(default_factory=list)
     agent_durability: Durability | None = None
     peer_durability: Durability | None = None
     item_json_bytes: int = 0
@@ -500,21 +543,23 @@ def run_enqueue(root: Path, args: argparse.Namespace, console: Console) -> Enque
     started = [session_started(rng, repo.new_id(), f"m-{i:07d}", at) for i in range(args.events)]
     access = [access_decided(rng, repo.new_id(), f"m-{i:07d}", "checkin") for i in range(args.events)]
     result = EnqueueResult(
+        producers=args.producers,
         item_json_bytes=round(statistics.mean(json_size(e.data) for e in started)),
         access_json_bytes=round(statistics.mean(json_size(e.data) for e in access)),
         peer_item_bytes=len(pickle.dumps(envelope(started[0]))),
     )
     for r in range(args.repeat):
         base = root / f"enqueue-{r}"
-        rates = run_async(enqueue_round(base, started, access, ENQUEUE_CHUNK, result))
-        result.agent.append(rates["agent"])
-        result.peer.append(rates["peer"])
-        result.agent_access.append(rates["agent_access"])
+        rates = run_async(enqueue_round(base, started, access, ENQUEUE_CHUNK, args.producers, result))
+        for who in PATHS:
+            result.rates[who].append(rates[who])
         result.ratios.append(rates["agent"] / rates["peer"])
+        result.ratios_1.append(rates["agent_1"] / rates["peer_1"])
         console.print(
-            f"[dim]enqueue round {r + 1}/{args.repeat}: agent {rates['agent']:,.0f}/s, persist-queue "
-            f"{rates['peer']:,.0f}/s (ratio {rates['agent'] / rates['peer']:.2f}); agent access.decided "
-            f"{rates['agent_access']:,.0f}/s[/]"
+            f"[dim]enqueue round {r + 1}/{args.repeat}, {args.producers} producers: agent {rates['agent']:,.0f}/s, "
+            f"persist-queue {rates['peer']:,.0f}/s (ratio {result.ratios[-1]:.2f}); one producer: agent "
+            f"{rates['agent_1']:,.0f}/s, persist-queue {rates['peer_1']:,.0f}/s (ratio {result.ratios_1[-1]:.2f})"
+            f"; {result.writes_per_commit[-1]:.1f} writes per commit[/]"
         )
         shutil.rmtree(base, ignore_errors=True)
     return result
@@ -549,8 +594,7 @@ async def fill(db: Database, events: Iterator[NewEvent], destinations: Sequence[
                 break
         if not chunk:
             return written
-        async with db.transaction("filling", notify=False) as conn:
-            written += len(await repo.append_events(conn, stamp_now(), chunk, destinations))
+        written += len(await db.write("filling", repo.append_events, stamp_now(), chunk, destinations))
 
 
 async def pending_count(db: Database, destination: str) -> int:
@@ -924,17 +968,31 @@ def report(
             f"{args.events:,} per path per round, {args.repeat} round(s), medians; session.started data "
             f"{enq.item_json_bytes} B JSON (peer: the whole event pickled, {enq.peer_item_bytes} B)",
         )
-        table.add_row("agent: event + 2 delivery rows / txn", rates_text(enq.agent))
-        table.add_row("persist-queue SQLiteAckQueue put", rates_text(enq.peer))
+        many = f"{enq.producers} producers"
+        table.add_row(f"agent, {many}: event + 2 delivery rows", rates_text(enq.rates["agent"]))
+        table.add_row(f"persist-queue SQLiteAckQueue put, {many}", rates_text(enq.rates["peer"]))
         table.add_row(
-            "enqueue_ratio (agent / peer)", f"{ratio:.2f}  (rounds: {', '.join(f'{r:.2f}' for r in enq.ratios)})"
+            f"enqueue_ratio (agent / peer, {many})",
+            f"{ratio:.2f}  (rounds: {', '.join(f'{r:.2f}' for r in enq.ratios)})",
         )
         table.add_row(
-            "agent: access.decided + 1 row (info)", f"{rates_text(enq.agent_access)}; data {enq.access_json_bytes} B"
+            f"  agent writes per commit, {many}",
+            ", ".join(f"{w:.1f}" for w in enq.writes_per_commit) + " (group commit)",
+        )
+        table.add_row("agent, one producer (info)", rates_text(enq.rates["agent_1"]))
+        table.add_row("persist-queue, one producer (info)", rates_text(enq.rates["peer_1"]))
+        table.add_row(
+            "  ratio, one producer (info)",
+            f"{median(enq.ratios_1):.2f}  (rounds: {', '.join(f'{r:.2f}' for r in enq.ratios_1)})",
+        )
+        table.add_row(
+            f"agent, {many}: access.decided + 1 row (info)",
+            f"{rates_text(enq.rates['agent_access'])}; data {enq.access_json_bytes} B",
         )
         table.add_row(
             "durability, agent",
-            f"{enq.agent_durability.text()} (read back); one BEGIN IMMEDIATE..COMMIT per item via Database.transaction",
+            f"{enq.agent_durability.text()} (read back); each write answered only after the COMMIT of its "
+            "transaction (Database.write: one transaction per group of writes queued together)",
         )
         table.add_row(
             "durability, persist-queue",
@@ -942,10 +1000,15 @@ def report(
             "PRAGMA synchronous = FULL set on its _putter (no option for it); WAL is its own default",
         )
         summary |= {
-            "enqueue_per_s": round(median(enq.agent), 1),
-            "peer_enqueue_per_s": round(median(enq.peer), 1),
+            "enqueue_per_s": round(median(enq.rates["agent"]), 1),
+            "peer_enqueue_per_s": round(median(enq.rates["peer"]), 1),
             "enqueue_ratio": round(ratio, 3),
-            "enqueue_access_decided_per_s": round(median(enq.agent_access), 1),
+            "enqueue_producers": enq.producers,
+            "enqueue_ratio_one_producer": round(median(enq.ratios_1), 3),
+            "enqueue_one_producer_per_s": round(median(enq.rates["agent_1"]), 1),
+            "peer_enqueue_one_producer_per_s": round(median(enq.rates["peer_1"]), 1),
+            "writes_per_commit": round(median(enq.writes_per_commit), 2),
+            "enqueue_access_decided_per_s": round(median(enq.rates["agent_access"]), 1),
         }
     else:
         summary |= {"enqueue_per_s": None, "peer_enqueue_per_s": None, "enqueue_ratio": None}
@@ -1014,6 +1077,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--events", type=int, default=None, help="enqueue: items per path per round (default 5000)")
     p.add_argument("--repeat", type=int, default=None, help="rounds of enqueue and drains; medians (default 3)")
+    p.add_argument(
+        "--producers",
+        type=int,
+        default=8,
+        help="enqueue: concurrent producers, each awaiting its own item (default 8, a club's readers)",
+    )
     p.add_argument("--drain-events", type=int, default=None, help="cloud drain: events (default 20000)")
     p.add_argument("--ziggy-events", type=int, default=None, help="Ziggy drain: events (default 20000)")
     p.add_argument("--backlog", type=int, default=None, help="backlog: pending events (default 1000000)")
@@ -1043,6 +1112,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error("--only takes enqueue, drain, backlog")
     if not 1 <= args.events <= 1_000_000:
         p.error("--events must be 1..1000000")
+    if not 1 <= args.producers <= 64:
+        p.error("--producers must be 1..64")
     if not 1 <= args.repeat <= 20:
         p.error("--repeat must be 1..20")
     for name in ("drain_events", "ziggy_events"):
