@@ -46,8 +46,8 @@ demo: deps
 	$(BIN)/club-agent demo
 
 lint: deps
-	$(BIN)/ruff check agent tests benchmarks
-	$(BIN)/ruff format --check agent tests benchmarks
+	$(BIN)/ruff check agent firmware_bridges tests benchmarks
+	$(BIN)/ruff format --check agent firmware_bridges tests benchmarks
 
 typecheck: deps
 	$(BIN)/mypy

@@ -1,0 +1,66 @@
+"""Wiegand 26 and 34 frames: known frames, every single-bit error, round trips."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from firmware_bridges import wiegand
+from firmware_bridges.errors import FrameError
+from firmware_bridges.wiegand import WiegandCard
+
+
+def test_known_frames() -> None:
+    # all data bits 0: even parity 0, odd parity 1
+    assert wiegand.encode(WiegandCard(26, 0, 0)) == 0b1
+    # all data bits 1: twelve ones in each half, so even parity 0 and odd parity 1
+    assert wiegand.encode(WiegandCard(26, 255, 65535)) == 0x1FFFFFF
+    # facility 18, card 46: the first 12 data bits hold 2 ones (even parity 0), the last 12 hold 4 (odd parity 1)
+    frame = int("0" + "00010010" + "0000000000101110" + "1", 2)
+    assert wiegand.decode(frame, 26) == WiegandCard(26, 18, 46)
+    assert WiegandCard(26, 18, 46).card_id == "12002E"
+    assert WiegandCard(34, 0x1234, 0xABCD).card_id == "1234ABCD"
+
+
+@pytest.mark.parametrize("bits", [26, 34])
+def test_every_single_bit_error_is_caught(bits: int) -> None:
+    frame = wiegand.encode(WiegandCard(bits, 0x5A, 0xC3A5))
+    assert wiegand.decode(frame, bits) == WiegandCard(bits, 0x5A, 0xC3A5)
+    for bit in range(bits):
+        with pytest.raises(FrameError, match="parity"):
+            wiegand.decode(frame ^ (1 << bit), bits)
+
+
+def test_unsupported_and_out_of_range() -> None:
+    with pytest.raises(FrameError, match="Wiegand 37 is not supported"):
+        wiegand.decode(0, 37)
+    with pytest.raises(FrameError, match="does not fit"):
+        wiegand.decode(1 << 26, 26)
+    with pytest.raises(FrameError, match="does not fit"):
+        wiegand.decode(-1, 26)
+    with pytest.raises(ValueError, match="out of range"):
+        wiegand.encode(WiegandCard(26, 256, 1))
+    with pytest.raises(ValueError, match="not supported"):
+        wiegand.encode(WiegandCard(35, 1, 1))
+
+
+@given(st.integers(0, 255), st.integers(0, 65535))
+def test_round_trip_26(facility: int, number: int) -> None:
+    card = WiegandCard(26, facility, number)
+    assert wiegand.decode(wiegand.encode(card), 26) == card
+
+
+@given(st.integers(0, 65535), st.integers(0, 65535))
+def test_round_trip_34(facility: int, number: int) -> None:
+    card = WiegandCard(34, facility, number)
+    assert wiegand.decode(wiegand.encode(card), 34) == card
+
+
+@given(st.integers(0, (1 << 34) - 1))
+def test_any_34_bit_value_decodes_or_is_refused(frame: int) -> None:
+    try:
+        card = wiegand.decode(frame, 34)
+    except FrameError:
+        return
+    assert wiegand.encode(card) == frame
