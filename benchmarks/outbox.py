@@ -468,7 +468,7 @@ def open_peer(path: Path, *, threads: bool) -> tuple[SQLiteAckQueue, Durability]
     return queue, Durability(str(mode), int(sync))
 
 
-# path -> (which items, producers: "many" is --producers)
+# agent and peer at --producers, the access.decided item at --producers, and both sides with one producer
 PATHS = ("agent", "peer", "agent_access", "agent_1", "peer_1")
 
 

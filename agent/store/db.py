@@ -275,7 +275,7 @@ class Database:
                 async with self._lock:
                     try:
                         results = await _on_thread(self.conn, functools.partial(_run_group, group=group))
-                    except (sqlite3.Error, ValueError) as exc:  # ValueError: aiosqlite's "Connection closed"
+                    except Exception as exc:  # the whole group failed (SQLite, or aiosqlite's "Connection closed")
                         results = [(False, exc)] * len(group)
                 committed = any(ok for ok, _ in results)
                 if committed:
