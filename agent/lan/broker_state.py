@@ -63,6 +63,7 @@ class BrokerState:
         self._dirty_retained: set[str] = set()
         self._wake = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
+        self._flushing = asyncio.Lock()  # one write transaction at a time on the connection
 
     # -- marks (called by the broker on every change; cheap) ---------------------------------------------
 
@@ -158,12 +159,17 @@ class BrokerState:
             await self._wake.wait()
             await asyncio.sleep(FLUSH_DELAY_S)
             self._wake.clear()
-            await self._flush()
+            # shielded: stopping the flusher mid-write must not leave its transaction open under save_all's
+            await asyncio.shield(self._flush())
             if self._dirty_sessions or self._dirty_retained:  # the write failed: try again later
                 await asyncio.sleep(5)
                 self._wake.set()
 
     async def _flush(self) -> None:
+        async with self._flushing:
+            await self._flush_now()
+
+    async def _flush_now(self) -> None:
         if self._db is None or self._broker is None or not (self._dirty_sessions or self._dirty_retained):
             return
         topics, self._dirty_retained = self._dirty_retained, set()
