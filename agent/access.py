@@ -94,6 +94,8 @@ class AccessService:
         self._once = OnceLogger(log)
 
     async def start(self) -> None:
+        # before the first decision: each enabled destination's cursor over the event log (see the outbox)
+        await self._db.write("enabling destinations", repo.enable_destinations, self._destinations)
         raw = await self._db.read(repo.get_kv, LAST_TRUSTED_KEY)
         self._last_trusted = repo.from_ms(int(raw)) if raw else None
         # a restart of the agent within the same boot keeps the monotonic clock: its stamps can still be fixed
@@ -122,7 +124,7 @@ class AccessService:
         for start in range(0, len(corrections), repo.CORRECTIONS_PER_EVENT):
             chunk = corrections[start : start + repo.CORRECTIONS_PER_EVENT]
             event = NewEvent("clock.corrected", {"boot_id": self._boot_id, "corrections": chunk})
-            repo.append_events(conn, stamp, [event], self._destinations)
+            repo.append_events(conn, stamp, [event])
         return len(corrections)
 
     def _clock_corrected(self, count: int) -> None:
@@ -387,7 +389,7 @@ class AccessService:
                     session_id, decision.member_id, court.court_id, started_at, stamp.wall, "tap", device_id
                 )
             )
-        written = repo.append_events(conn, stamp, events, self._destinations)
+        written = repo.append_events(conn, stamp, events)
         if decision.action is Action.CHECKIN and decision.cost:
             assert decision.member_id is not None
             assert session_id is not None
@@ -441,7 +443,7 @@ class AccessService:
             ended = self._ended_event(
                 row["session_id"], row["member_id"], court_id, started_at, stamp.wall, "tablet", tablet_id
             )
-            repo.append_events(conn, stamp, [ended], self._destinations)
+            repo.append_events(conn, stamp, [ended])
             response = {
                 "msg_id": msg_id,
                 "status": "ok",
@@ -503,7 +505,7 @@ class AccessService:
                 )
                 for line in lines
             ]
-            repo.append_events(conn, stamp, events, self._destinations)
+            repo.append_events(conn, stamp, events)
             total = sum(line.total_cents for line in lines)
             response = {
                 "msg_id": request_id,
@@ -562,7 +564,7 @@ class AccessService:
                 session_id=session_id,
                 device_id=button_id,
             )
-            repo.append_events(conn, stamp, [created], self._destinations)
+            repo.append_events(conn, stamp, [created])
             response = {
                 "msg_id": msg_id,
                 "status": "ok" if session_id else "no_session",
@@ -612,7 +614,7 @@ class AccessService:
             Reason.AUTO_TIMEOUT.value,
             None,
         )
-        repo.append_events(conn, stamp, [ended], self._destinations)
+        repo.append_events(conn, stamp, [ended])
         return True
 
     async def record_trusted_time(self) -> None:

@@ -34,8 +34,10 @@ from agent.config import Config, parse_config
 from agent.lan import topics
 from agent.lan.auth import hash_password
 from agent.lan.mosquitto import export_mosquitto
+from agent.store import repo
 from agent.store.db import Database
 from agent.store.members import MemberRecord, apply_members
+from agent.sync import status
 
 # Monday 2 March 2026, 12:00 in São Paulo: inside every opening hour used below.
 T0 = datetime(2026, 3, 2, 15, 0, tzinfo=UTC)
@@ -261,6 +263,22 @@ class Premises:
     async def rows(self, sql: str, *params: Any) -> list[Any]:
         assert self.agent.db is not None
         return [tuple(r) for r in await self.agent.db.fetchall(sql, params)]
+
+    async def pending(self, *destinations: str) -> int:
+        """Events still to deliver to the given destinations (all known ones by default), as `outbox status`
+        counts them: rows pending, and events the destination's worker has not queued yet."""
+        db = self.agent.db
+        assert db is not None
+        names = list(destinations) or await status.known_destinations(db)
+        return sum(s.pending for s in await status.destination_states(db, names))
+
+    async def queue_deliveries(self) -> None:
+        """Queue every event's delivery rows now, as each enabled destination's worker does before its round
+        (for tests that look at the rows of a destination that has no worker)."""
+        db = self.agent.db
+        assert db is not None
+        for (name,) in await self.rows("SELECT destination FROM delivery_cursors"):
+            assert await db.write("test", repo.queue_deliveries, name, 1 << 40) == 0
 
     def metric(self, name: str, **labels: str) -> float:
         return self.agent.metrics.value(name, labels)

@@ -51,9 +51,9 @@ async def sandbox_factory() -> AsyncIterator[Callable[..., Any]]:
 
 
 async def delivered(premises: Premises, within: float = 15.0) -> None:
-    """Until no delivery row is pending."""
+    """Until nothing is left to deliver."""
     for _ in range(int(within / 0.05)):
-        if await premises.rows("SELECT COUNT(*) FROM deliveries WHERE state = 'pending'") == [(0,)]:
+        if await premises.pending() == 0:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"deliveries still pending after {within} s")

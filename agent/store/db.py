@@ -19,7 +19,7 @@ import functools
 import shutil
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -94,6 +94,7 @@ async def _on_thread(conn: aiosqlite.Connection, fn: Callable[[sqlite3.Connectio
 class _Write:
     fn: Callable[[sqlite3.Connection], Any]
     doing: str
+    notify: bool = True
     future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -254,14 +255,28 @@ class Database:
         group. It may run more than once (when another write of its group fails, the rest run again without
         it), so it must touch nothing outside the connection. A caller cancelled after its write was taken
         still has it committed, as after a crash; requests carry ids so that a retry finds the answer."""
+        result: T = await self._submit(_Write(lambda conn: fn(conn, *args, **kwargs), doing))
+        return result
+
+    async def write_quietly(
+        self,
+        doing: str,
+        fn: Callable[Concatenate[sqlite3.Connection, P], T],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """`write` for bookkeeping nobody needs to hear about: its commit alone runs no `on_commit` callback."""
+        result: T = await self._submit(_Write(lambda conn: fn(conn, *args, **kwargs), doing, notify=False))
+        return result
+
+    async def _submit(self, write: _Write) -> Any:
         if self._state is not _State.OPEN:
             raise RuntimeError("database is not open")
-        write = _Write(lambda conn: fn(conn, *args, **kwargs), doing)
         self._writes.append(write)
         if self._committer is None:
             self._committer = asyncio.create_task(self._commit_writes(), name="store-group-commit")
-        result: T = await write.future
-        return result
+        return await write.future
 
     async def _commit_writes(self) -> None:
         """Commit the queued writes, as many as are waiting (up to GROUP_MAX) per transaction, until none is."""
@@ -292,7 +307,7 @@ class Database:
                         write.future.set_exception(error)
                     else:
                         write.future.set_exception(value)
-                if committed:
+                if committed and any(w.notify for w in group):
                     for callback in self.on_commit:
                         callback()
         finally:
@@ -347,13 +362,15 @@ class Database:
             for callback in self.on_commit:
                 callback()
 
-    async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+    async def fetchall(self, sql: str, params: Iterable[Any] | Mapping[str, Any] = ()) -> list[sqlite3.Row]:
+        """Rows of a read on the read-only connection; `params` positional, or by name as a mapping."""
+        bound = params if isinstance(params, Mapping) else tuple(params)
         try:
-            return list(await self.reader.execute_fetchall(sql, tuple(params)))
+            return list(await self.reader.execute_fetchall(sql, bound))
         except sqlite3.Error as exc:
             raise translate(exc, "reading") from exc
 
-    async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
+    async def fetchone(self, sql: str, params: Iterable[Any] | Mapping[str, Any] = ()) -> sqlite3.Row | None:
         rows = await self.fetchall(sql, params)
         return rows[0] if rows else None
 
@@ -366,6 +383,7 @@ SALVAGE_TABLES = (
     "credit_ledger",
     "events",
     "deliveries",
+    "delivery_cursors",
     "device_requests",
     "highlights",
     "kv",
@@ -412,4 +430,12 @@ async def recover(path: Path) -> dict[str, str]:
             except StoreError as exc:
                 report[table] = f"unreadable: {(exc.__cause__ or exc)}"
         await conn.execute("DETACH DATABASE old")
+        if not report["delivery_cursors"].endswith(" rows"):
+            # Without the cursors, each destination resumes after its newest delivery row: rows are queued in
+            # seq order, so nothing after it was queued (re-queuing what was is a no-op).
+            async with fresh.transaction("rebuilding the delivery cursors"):
+                await conn.execute(
+                    "INSERT OR IGNORE INTO delivery_cursors (destination, upto)"
+                    " SELECT destination, MAX(seq) FROM deliveries GROUP BY destination"
+                )
     return report

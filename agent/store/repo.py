@@ -4,7 +4,6 @@ by `Database.write` (inside the caller's transaction, so callers decide what com
 
 from __future__ import annotations
 
-import functools
 import json
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -62,16 +61,21 @@ class NewEvent:
     device_id: str | None = None
 
 
-@functools.cache
-def _delivery_rows(n: int) -> str:
-    return "INSERT INTO deliveries (destination, seq) VALUES " + ", ".join(["(?, ?)"] * n)  # noqa: S608  # placeholders only
+def routed_to(destination: str) -> tuple[str, str]:
+    """The SQL condition on an event's `type` (one `?`, bound to the JSON list returned) for the events that go to
+    `destination`: the types ROUTES sends there, or for the cloud, which learns of every type, all types but
+    those routed elsewhere only."""
+    if destination == "cloud":
+        others = sorted(t for t, ds in ROUTES.items() if "cloud" not in ds)
+        return "type NOT IN (SELECT value FROM json_each(?))", json.dumps(others)
+    mine = sorted(t for t, ds in ROUTES.items() if destination in ds)
+    return "type IN (SELECT value FROM json_each(?))", json.dumps(mine)
 
 
-def append_events(
-    conn: sqlite3.Connection, stamp: Stamp, events: Sequence[NewEvent], destinations: Iterable[str]
-) -> list[tuple[int, str]]:
-    """Append events and their delivery rows; returns (seq, event_id) per event."""
-    enabled = set(destinations)
+def append_events(conn: sqlite3.Connection, stamp: Stamp, events: Sequence[NewEvent]) -> list[tuple[int, str]]:
+    """Append events to the log; returns (seq, event_id) per event. Their delivery rows are added later, in bulk,
+    by `queue_deliveries` (the outbox worker of each destination does it before it looks for work): a decision
+    writes one row and one index entry per event, nothing else."""
     out = []
     for ev in events:
         event_id = new_id()
@@ -92,11 +96,44 @@ def append_events(
         )
         seq = cursor.lastrowid
         assert seq is not None
-        targets = [d for d in ROUTES.get(ev.type, ("cloud",)) if d in enabled]
-        if targets:  # one statement for the event's rows: cheaper than executemany for one or two
-            conn.execute(_delivery_rows(len(targets)), [v for d in targets for v in (d, seq)])
         out.append((seq, event_id))
     return out
+
+
+def enable_destinations(conn: sqlite3.Connection, destinations: Iterable[str]) -> None:
+    """The destinations the configuration enables, before the first decision: each new one learns of the events
+    from now on (its cursor starts at the newest seq); one no longer enabled stops queuing (its cursor goes,
+    the rows it already has stay until delivered, dead-lettered or purged)."""
+    names = sorted(set(destinations))
+    conn.execute(
+        "DELETE FROM delivery_cursors WHERE destination NOT IN (SELECT value FROM json_each(?))", (json.dumps(names),)
+    )
+    conn.executemany(
+        "INSERT OR IGNORE INTO delivery_cursors (destination, upto)"
+        " VALUES (?, (SELECT COALESCE(MAX(seq), 0) FROM events))",
+        [(name,) for name in names],
+    )
+
+
+def queue_deliveries(conn: sqlite3.Connection, destination: str, limit: int) -> int | None:
+    """Add the delivery rows of `destination` for up to `limit` seqs past its cursor, and move the cursor: the
+    events of a commit are all below the next commit's (one writer), so nothing is ever skipped. Returns how many
+    seqs are still past the cursor, or None when the destination is not enabled (it has no cursor)."""
+    row = conn.execute("SELECT upto FROM delivery_cursors WHERE destination = ?", (destination,)).fetchone()
+    if row is None:
+        return None
+    upto = int(row[0])
+    newest = int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
+    end = min(newest, upto + limit)
+    if end > upto:
+        where, types = routed_to(destination)
+        conn.execute(
+            f"INSERT OR IGNORE INTO deliveries (destination, seq) SELECT ?, seq FROM events"  # noqa: S608 - constant
+            f" WHERE seq > ? AND seq <= ? AND {where}",
+            (destination, upto, end, types),
+        )
+        conn.execute("UPDATE delivery_cursors SET upto = ? WHERE destination = ?", (end, destination))
+    return newest - end
 
 
 # -- members ---------------------------------------------------------------------------------------------------

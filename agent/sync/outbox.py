@@ -1,7 +1,9 @@
 """The persistent outbox: one worker per destination, reading the event log's delivery rows (DESIGN 3).
 
-- Durable first: rows are written in the decision's own transaction (store.repo.append_events); a worker only
-  moves a row from pending to delivered or dead, so a crash or a restart while offline loses nothing.
+- Durable first: the decision's transaction writes its event (store.repo.append_events); each worker then adds
+  its destination's delivery rows for the events past its cursor, in bulk (store.repo.queue_deliveries), and
+  only ever moves a row from pending to delivered or dead. The cursor and the rows commit together, so a crash
+  or a restart while offline loses nothing, and a decision pays for one row, not one per destination.
 - Order per session, never global: an event goes out only when no earlier event of its session is still pending
   and waiting for a retry; within a batch, a session's events keep their order.
 - Fresh events are not starved by a backlog: half of each batch is taken from the newest eligible events (those
@@ -9,7 +11,7 @@
 - Retries: exponential backoff with jitter and a cap per row, `Retry-After` honoured, a circuit breaker per
   destination. A permanent refusal dead-letters that event with the reason; the rest goes on.
 - Timers never depend on new writes arriving: an idle worker sleeps until the earliest retry is due, or until
-  `notify()` says new rows were committed.
+  `notify()` says new events were committed (a notice during a round is kept for the next one).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 from ..errors import StoreError
 from ..logs import OnceLogger, get_logger
 from ..loop import check_cancelled
+from ..store import repo
 from ..store.db import Database
 from .breaker import CircuitBreaker
 from .delivery import Destination, OutboxEvent, Result, Transient, Verdict
@@ -39,6 +42,8 @@ BACKOFF_CAP_S = 300.0
 REPLAY_PER_S = 500.0
 IDLE_MAX_S = 30.0
 LATENCY_WINDOW = 20  # calls remembered per destination for the median latency
+QUEUE_CHUNK = 1000  # seqs given delivery rows per write: a decision queued behind it waits for ~2 ms at most
+QUEUE_CHUNKS_PER_ROUND = 50  # then a batch is sent: a long unqueued stretch never holds deliveries back
 
 _COLUMNS = (
     "d.seq, e.event_id, e.type, e.occurred_at, e.mono_ns, e.boot_id, e.clock_synced, e.session_id, e.device_id,"
@@ -151,7 +156,7 @@ class Outbox:
         return {worker.destination.name: worker.status for worker in self.workers}
 
     def notify(self) -> None:
-        """New delivery rows were committed."""
+        """New events were committed."""
         for worker in self.workers:
             worker.wake.set()
 
@@ -184,6 +189,7 @@ class _Worker:
         self._pace = _Pace(replay_per_s, max(replay_per_s, destination.batch_size * 2))
         self._base_s, self._cap_s = base_s, cap_s
         self._fresh_turn = False
+        self._queued_upto = -1  # every seq up to here has its delivery row (or is not routed here)
         self._once = OnceLogger(log)
 
     @property
@@ -200,12 +206,15 @@ class _Worker:
                 await asyncio.sleep(5)
 
     async def _round(self) -> None:
+        self.wake.clear()  # a commit from here on wakes the next sleep at once
+        caught_up = await self._queue()  # also while the breaker is open: status and retention see the rows
         if not self.breaker.allow():
             await self._sleep(self.breaker.wait_s())
             return
         batch = await self._due()
         if not batch:
-            await self._idle()
+            if caught_up:
+                await self._idle()
             return
         await self._pace.take(len(batch))
         started = time.perf_counter()
@@ -229,6 +238,24 @@ class _Worker:
         self.status.called(True, time.perf_counter() - started, self.outbox._wall_ms())
         self.breaker.success()
         await self._record(batch, results, None)
+
+    async def _queue(self) -> bool:
+        """Give the events committed since the last round their delivery rows for this destination, at most
+        QUEUE_CHUNKS_PER_ROUND chunks of them; False when some are left for the next round."""
+        row = await self._db.fetchone("SELECT MAX(seq) FROM events")
+        newest = int(row[0]) if row is not None and row[0] is not None else 0
+        if newest <= self._queued_upto:
+            return True
+        dest = self.destination.name
+        for _ in range(QUEUE_CHUNKS_PER_ROUND):
+            left = await self._db.write_quietly("queuing deliveries", repo.queue_deliveries, dest, QUEUE_CHUNK)
+            if left is None:  # not enabled in this database (enable_destinations was not run): nothing to queue
+                self._once.warning("outbox_destination_not_enabled", dest, destination=dest)
+                return True
+            if left == 0:
+                self._queued_upto = newest
+                return True
+        return False
 
     async def _due(self) -> list[OutboxEvent]:
         now = self.outbox._wall_ms()
@@ -307,7 +334,6 @@ class _Worker:
         await self._sleep(min(wait, IDLE_MAX_S))
 
     async def _sleep(self, seconds: float) -> None:
-        self.wake.clear()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.wake.wait(), max(seconds, 0.005))
 

@@ -2,7 +2,8 @@
 unsynced sessions and consumption never evicted).
 
 An event is pruned when all of these hold:
-- no delivery row of it is pending (each destination has it delivered, dead-lettered, or purged by a person);
+- every enabled destination's worker has queued it (its cursor is past it), and no delivery row of it is
+  pending (each destination has it delivered, dead-lettered, or purged by a person);
 - the pull feed acknowledged it (seq <= the cloud's ack), when the feed is configured;
 - its session, if any, is closed;
 - it is older than `sync.retention_days` (by its `occurred_at`, on the agent's clock).
@@ -83,8 +84,12 @@ class Retention:
             upto = (await feed.state(self._db)).acked_upto
         else:
             upto = await feed.newest_seq(self._db)
-        # Old events never gain delivery rows (they are written with the event), so the destinations read now
-        # cover every row a batch could have; were one missed, the events' foreign key would refuse the delete.
+        # Events past a destination's cursor may still gain its delivery row: never pruned (the lowest cursor
+        # bounds the round). Below it the destinations read now cover every row a batch could have; were one
+        # missed, the events' foreign key would refuse the delete.
+        lowest = await self._db.fetchone("SELECT MIN(upto) FROM delivery_cursors")
+        if lowest is not None and lowest[0] is not None:
+            upto = min(upto, int(lowest[0]))
         names = await known_destinations(self._db)
         destinations = json.dumps(names)
         first = await self._db.fetchone("SELECT MIN(seq) FROM events")

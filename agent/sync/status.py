@@ -11,6 +11,7 @@ import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ..store import repo
 from ..store.db import Database
 
 # Calls succeed, but the oldest pending event has waited this long: a backlog that is not draining fast enough.
@@ -48,32 +49,41 @@ class DeadLetter:
 
 
 async def known_destinations(db: Database) -> list[str]:
-    """Every destination with a delivery row or a recorded state, found by walking the primary key's first
-    column (one index seek per destination) instead of scanning every delivery row."""
+    """Every destination enabled, with a delivery row or with a recorded state; the rows' destinations found by
+    walking the primary key's first column (one index seek per destination), not by scanning every row."""
     found: set[str] = set()
     row = await db.fetchone("SELECT MIN(destination) FROM deliveries")
     while row is not None and row[0] is not None:
         found.add(str(row[0]))
         row = await db.fetchone("SELECT MIN(destination) FROM deliveries WHERE destination > ?", (row[0],))
     found.update(str(r[0]) for r in await db.fetchall("SELECT destination FROM destination_state"))
+    found.update(str(r[0]) for r in await db.fetchall("SELECT destination FROM delivery_cursors"))
     return sorted(found)
 
 
+# Pending: the rows waiting, plus the events routed here that the worker has not given rows yet (past its cursor;
+# none when the destination is not enabled).
 _STATE = """
 SELECT
-    (SELECT COUNT(*) FROM deliveries WHERE destination = ?1 AND state = 'pending'),
-    (SELECT COUNT(*) FROM deliveries WHERE destination = ?1 AND state = 'dead'),
-    (SELECT e.occurred_at FROM events e WHERE e.seq =
-        (SELECT MIN(seq) FROM deliveries WHERE destination = ?1 AND state = 'pending')),
+    (SELECT COUNT(*) FROM deliveries WHERE destination = :dest AND state = 'pending')
+      + (SELECT COUNT(*) FROM events
+         WHERE seq > (SELECT upto FROM delivery_cursors WHERE destination = :dest) AND {routed}),
+    (SELECT COUNT(*) FROM deliveries WHERE destination = :dest AND state = 'dead'),
+    (SELECT e.occurred_at FROM events e WHERE e.seq = COALESCE(
+        (SELECT MIN(seq) FROM deliveries WHERE destination = :dest AND state = 'pending'),
+        (SELECT MIN(seq) FROM events
+         WHERE seq > (SELECT upto FROM delivery_cursors WHERE destination = :dest) AND {routed}))),
     s.last_success_at, s.last_error, s.last_error_at, s.breaker
-FROM (SELECT 1) LEFT JOIN destination_state s ON s.destination = ?1
+FROM (SELECT 1) LEFT JOIN destination_state s ON s.destination = :dest
 """
 
 
 async def destination_states(db: Database, names: Iterable[str]) -> list[DestinationState]:
     out = []
     for name in names:
-        row = await db.fetchone(_STATE, (name,))
+        routed, types = repo.routed_to(name)
+        sql = _STATE.format(routed=routed.replace("?", ":types"))
+        row = await db.fetchone(sql, {"dest": name, "types": types})
         assert row is not None  # the FROM (SELECT 1) always yields one row
         out.append(
             DestinationState(

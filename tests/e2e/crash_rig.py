@@ -57,6 +57,7 @@ import httpx
 from agent import sim
 from agent.lan.auth import hash_password
 from agent.sandbox.options import AgentSettings, SandboxOptions
+from agent.store import repo
 
 HOST = "127.0.0.1"
 COURTS = ("c1", "c2")
@@ -552,21 +553,32 @@ def read_store(db: Path) -> tuple[list[StoredEvent], list[Delivery]]:
     return events, deliveries
 
 
-def _scalar(db: Path, sql: str) -> int:
+# What is left to deliver: delivery rows pending, and events routed to a destination that its worker has not
+# queued yet (past its cursor).
+_UNQUEUED = "(SELECT COUNT(*) FROM events WHERE seq > (SELECT upto FROM delivery_cursors WHERE destination = ?) AND {})"
+PENDING_SQL = "SELECT (SELECT COUNT(*) FROM deliveries WHERE state = 'pending') + {} + {}".format(  # noqa: S608
+    *(_UNQUEUED.format(repo.routed_to(d)[0]) for d in ("ziggy", "cloud"))  # constant SQL, parameters bound
+)
+PENDING_PARAMS = tuple(v for d in ("ziggy", "cloud") for v in (d, repo.routed_to(d)[1]))
+
+
+def _scalar(db: Path, sql: str, params: tuple[Any, ...] = ()) -> int:
     with contextlib.closing(_read_only(db)) as conn:
-        row = conn.execute(sql).fetchone()
+        row = conn.execute(sql, params).fetchone()
     return int(row[0]) if row and row[0] is not None else 0
 
 
-async def store_scalar(db: Path, sql: str) -> int:
-    return await asyncio.to_thread(_scalar, db, sql)
+async def store_scalar(db: Path, sql: str, params: tuple[Any, ...] = ()) -> int:
+    return await asyncio.to_thread(_scalar, db, sql, params)
 
 
-async def wait_store(db: Path, sql: str, want: Callable[[int], bool], within: float, what: str) -> int:
+async def wait_store(
+    db: Path, sql: str, want: Callable[[int], bool], within: float, what: str, params: tuple[Any, ...] = ()
+) -> int:
     deadline = time.monotonic() + within
     while True:
         with contextlib.suppress(sqlite3.Error):  # the file may not exist yet, or be busy for a moment
-            value = await store_scalar(db, sql)
+            value = await store_scalar(db, sql, params)
             if want(value):
                 return value
         if time.monotonic() > deadline:
@@ -750,7 +762,7 @@ class Cycle:
     seconds: float
     repeated: int
     told: int  # answers heard this cycle (taps and orders)
-    pending_at_kill: int  # delivery rows not yet delivered when the agent died
+    pending_at_kill: int  # events not yet delivered when the agent died (rows pending, or not queued yet)
     startup_kill: bool
 
 
@@ -915,10 +927,11 @@ async def run_crash(options: CrashOptions, say: Callable[[str], None] = lambda _
             try:
                 await wait_store(
                     layout.db,
-                    "SELECT COUNT(*) FROM deliveries WHERE state = 'pending'",
+                    PENDING_SQL,
                     lambda n: n == 0,
                     options.drain_timeout_s,
                     "the outbox did not drain",
+                    PENDING_PARAMS,
                 )
                 say(f"final run: outbox drained in {time.monotonic() - drained:.2f} s")
             except TimeoutError:  # judged all the same: the rows still pending are counted and listed
@@ -1014,7 +1027,7 @@ async def _cycle(
     finally:
         with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
             await stack.aclose()
-    pending = await store_scalar(layout.db, "SELECT COUNT(*) FROM deliveries WHERE state = 'pending'")
+    pending = await store_scalar(layout.db, PENDING_SQL, PENDING_PARAMS)
     return Cycle(
         n=n,
         ready_s=ready_s,

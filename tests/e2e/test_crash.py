@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from agent import sim
+from agent.store import repo
 from agent.store.db import Database
+from agent.sync import status
 from tests.conftest import BRUNO, DEVICES, PASSWORDS, make_config, seed
 
 pytestmark = pytest.mark.slow
@@ -136,6 +138,10 @@ async def test_sigkill_right_after_granted_loses_nothing(agent_process: AgentPro
             tuple(r)
             for r in await db.fetchall("SELECT type, session_id FROM events WHERE device_id = 'r1' ORDER BY seq")
         ]
+        # Ziggy is enabled without its key (no worker runs): its events wait past its cursor, counted as pending,
+        # and are queued as its worker would queue them.
+        [ziggy] = await status.destination_states(db, ["ziggy"])
+        assert await db.write("test", repo.queue_deliveries, "ziggy", 1000) == 0
         deliveries = [
             tuple(r)
             for r in await db.fetchall(
@@ -146,4 +152,5 @@ async def test_sigkill_right_after_granted_loses_nothing(agent_process: AgentPro
     session_id = granted.payload["session_id"]
     assert sessions == [(session_id, "m-bruno", None)]
     assert events == [("access.decided", session_id), ("session.started", session_id)]
+    assert ziggy.pending == 1
     assert deliveries == [("ziggy", "session.started")]

@@ -36,7 +36,8 @@ async def test_an_order_by_card_is_charged_to_the_open_session(premises: Premise
         " FROM events WHERE type = 'consumption.recorded' ORDER BY seq"
     )
     assert events == [(4.5, 9.0, session_id, "desk"), (12.9, 12.9, session_id, "desk")]
-    # one delivery row per line and destination, in the same commit
+    # one delivery row per line and destination, once queued (as the destinations' workers do)
+    await premises.queue_deliveries()
     assert await premises.rows(
         "SELECT d.destination, COUNT(*) FROM deliveries d JOIN events e ON e.seq = d.seq"
         " WHERE e.type = 'consumption.recorded' GROUP BY 1 ORDER BY 1"

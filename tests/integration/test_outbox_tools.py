@@ -23,7 +23,7 @@ from typer.testing import CliRunner, Result
 from agent.cli import app
 from agent.sandbox import events as sandbox_events
 from agent.store.db import Database
-from agent.store.repo import NewEvent, Stamp, append_events
+from agent.store.repo import NewEvent, Stamp, append_events, enable_destinations, queue_deliveries
 from agent.sync import operator, outbox
 from agent.sync.status import Health, judge
 from tests.conftest import ANA, Premises, PremisesFactory
@@ -64,7 +64,7 @@ async def append(premises: Premises, n: int, kind: str = "access.decided") -> li
     assert db is not None
     stamp = Stamp(premises.clock.wall(), premises.clock.monotonic_ns(), "boot-test", True)
     events = [NewEvent(kind, {"i": i}) for i in range(n)]
-    written = await db.write("test", append_events, stamp, events, ["ziggy", "cloud"])
+    written = await db.write("test", append_events, stamp, events)
     return [seq for seq, _ in written]
 
 
@@ -221,7 +221,9 @@ async def test_requeue_all_works_in_short_transactions_with_one_audit_row(
         stamp = Stamp(datetime.now(UTC), 1, "boot", True)
 
         def poison(conn: sqlite3.Connection) -> list[tuple[int, str]]:
-            written = append_events(conn, stamp, [NewEvent(POISON, {}) for _ in range(10)], ["cloud"])
+            enable_destinations(conn, ["cloud"])
+            written = append_events(conn, stamp, [NewEvent(POISON, {}) for _ in range(10)])
+            assert queue_deliveries(conn, "cloud", 100) == 0
             conn.execute(
                 "UPDATE deliveries SET state = 'dead', attempts = 3, last_error = 'rejected by the cloud: unknown_type'"
             )

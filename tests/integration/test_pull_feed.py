@@ -55,12 +55,12 @@ def api(premises: Premises, token: str | None = TOKEN) -> httpx.AsyncClient:
 async def append(
     premises: Premises, n: int, *, kind: str = "access.decided", session_id: str | None = None
 ) -> list[int]:
-    """n events written as the agent writes them (with their delivery rows), in one transaction."""
+    """n events written as the agent writes them, in one transaction."""
     db = premises.agent.db
     assert db is not None
     stamp = Stamp(premises.clock.wall(), premises.clock.monotonic_ns(), "boot-test", True)
     events = [NewEvent(kind, {"i": i, "name": 'Ana "Bia" Çé'}, session_id, "r1") for i in range(n)]
-    written = await db.write("test", append_events, stamp, events, premises.config.destinations)
+    written = await db.write("test", append_events, stamp, events)
     return [seq for seq, _ in written]
 
 
@@ -80,12 +80,9 @@ async def all_pages(client: httpx.AsyncClient, limit: int | None = None) -> list
 
 
 async def settled(premises: Premises, within: float = 15.0) -> None:
-    """Until no delivery row is pending, except for destinations no worker serves."""
+    """Until nothing is left to deliver, except to destinations no worker serves."""
     for _ in range(int(within / 0.05)):
-        rows = await premises.rows(
-            "SELECT COUNT(*) FROM deliveries WHERE state = 'pending' AND destination IN ('ziggy', 'cloud')"
-        )
-        if rows == [(0,)]:
+        if await premises.pending("ziggy", "cloud") == 0:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"deliveries still pending after {within} s")

@@ -26,6 +26,8 @@ from agent.errors import ImportFileError, MigrationError, StoreCorrupt, StoreErr
 from agent.store import repo
 from agent.store.db import SALVAGE_TABLES, Database, migrations, recover
 from agent.store.members import MemberRecord, apply_members, read_member_file
+from agent.sync import status
+from agent.sync.retention import Retention
 
 SP = ZoneInfo("America/Sao_Paulo")
 MIGRATION_FILES = sorted((Path(agent.store.__file__).parent / "migrations").glob("*.sql"))
@@ -307,7 +309,10 @@ async def make_damaged_db(path: Path, kind: str) -> dict[str, int]:
         await apply(db, [member("m1", cards=["0A01"]), member("m2", cards=["0B01"]), member("m3")])
 
         def fill(conn: sqlite3.Connection) -> None:
-            repo.append_events(conn, STAMP, [repo.NewEvent("session.started", {"n": 1})], ("ziggy", "cloud"))
+            repo.enable_destinations(conn, ("ziggy", "cloud"))
+            repo.append_events(conn, STAMP, [repo.NewEvent("session.started", {"n": 1})])
+            for name in ("ziggy", "cloud"):
+                repo.queue_deliveries(conn, name, 100)
             repo.set_kv(conn, "k", "v")
 
         await db.write("test", fill)
@@ -344,7 +349,7 @@ async def test_recover_moves_a_corrupt_file_aside_and_reports(db_path: Path, kin
     assert report["members"].startswith("unreadable")
     if kind == "members-page":
         # Tables the damage did not reach are salvaged in full.
-        for table in ("events", "deliveries", "kv", "member_list"):
+        for table in ("events", "deliveries", "delivery_cursors", "kv", "member_list"):
             assert report[table] == f"{counts[table]} rows", table
     async with Database(db_path) as db:
         assert await scalar(db, "PRAGMA user_version") == len(MIGRATION_FILES)
@@ -387,6 +392,7 @@ async def test_recover_salvages_every_row_of_a_healthy_database(db_path: Path) -
                 started_at=T0,
                 list_version=1,
             )
+            repo.enable_destinations(conn, ("ziggy", "cloud"))
             events = repo.append_events(
                 conn,
                 STAMP,
@@ -394,8 +400,8 @@ async def test_recover_salvages_every_row_of_a_healthy_database(db_path: Path) -
                     repo.NewEvent("access.decided", {"granted": True}, session_id="s-open", device_id="reader-c2"),
                     repo.NewEvent("session.started", {"court": "c2"}, session_id="s-open", device_id="reader-c2"),
                 ],
-                ("ziggy", "cloud"),
             )
+            repo.queue_deliveries(conn, "cloud", 100)  # ziggy's are left to queue: its cursor stays behind
             repo.spend_credits(conn, "m1", 1, "s-open", events[1][1], T0)
             repo.remember_answer(conn, "reader-c2", "msg-1", {"status": "granted"}, T0)
             repo.insert_highlight(
@@ -433,7 +439,7 @@ async def test_recover_salvages_every_row_of_a_healthy_database(db_path: Path) -
         assert found.cache.version == 1
         assert found.cache.synced_at == T0
         # New events continue after the salvaged ones: seq never goes back.
-        [(seq, _)] = await db.write("test", repo.append_events, STAMP, [repo.NewEvent("session.ended", {})], ("cloud",))
+        [(seq, _)] = await db.write("test", repo.append_events, STAMP, [repo.NewEvent("session.ended", {})])
         assert seq > max_seq
 
 
@@ -803,19 +809,26 @@ async def test_at_most_one_open_session_per_member(db: Database) -> None:
 # -- the event log ---------------------------------------------------------------------------------------------
 
 
-async def test_append_events_routes_deliveries_and_orders_by_seq(db: Database) -> None:
+async def test_events_get_delivery_rows_per_enabled_destination_and_route(db: Database) -> None:
     batch = [
         repo.NewEvent("access.decided", {"granted": True}, session_id="s1", device_id="reader-c1"),
         repo.NewEvent("session.started", {"court_id": "c1", "name": "Conceição"}, session_id="s1"),
     ]
 
-    def append(conn: sqlite3.Connection) -> tuple[list[tuple[int, str]], ...]:
-        both = repo.append_events(conn, STAMP, batch, ("ziggy", "cloud"))
-        cloud_only = repo.append_events(conn, STAMP, batch, ("cloud",))
-        none = repo.append_events(conn, STAMP, batch, ())
-        return both, cloud_only, none
+    def append(conn: sqlite3.Connection, enabled: tuple[str, ...]) -> list[tuple[int, str]]:
+        repo.enable_destinations(conn, enabled)
+        written = repo.append_events(conn, STAMP, batch)
+        assert conn.execute("SELECT COUNT(*) FROM deliveries WHERE seq >= ?", (written[0][0],)).fetchone()[0] == 0
+        left = {name: repo.queue_deliveries(conn, name, 1) for name in ("ziggy", "cloud")}  # one seq at a time
+        assert left == {name: (1 if name in enabled else None) for name in ("ziggy", "cloud")}
+        for name in enabled:
+            assert repo.queue_deliveries(conn, name, 100) == 0
+            assert repo.queue_deliveries(conn, name, 100) == 0  # queuing again adds nothing
+        return written
 
-    both, cloud_only, none = await db.write("test", append)
+    both = await db.write("test", append, ("ziggy", "cloud"))
+    cloud_only = await db.write("test", append, ("cloud",))
+    none = await db.write("test", append, ())
     out = both + cloud_only + none
 
     seqs = [seq for seq, _ in out]
@@ -838,6 +851,10 @@ async def test_append_events_routes_deliveries_and_orders_by_seq(db: Database) -
         (d2, "cloud", "pending", 0),
         (s2, "cloud", "pending", 0),
     ]
+    # A destination enabled again starts from the newest event: what happened while it was off is not its own.
+    await db.write("test", repo.enable_destinations, ("ziggy",))
+    assert await db.write("test", repo.queue_deliveries, "ziggy", 100) == 0
+    assert await scalar(db, "SELECT COUNT(*) FROM deliveries WHERE destination = 'ziggy'") == 1
 
     row = await db.fetchone("SELECT * FROM events WHERE seq = ?", (s1,))
     assert row is not None
@@ -846,6 +863,55 @@ async def test_append_events_routes_deliveries_and_orders_by_seq(db: Database) -
     assert (row["mono_ns"], row["boot_id"], row["clock_synced"]) == (123_456_789, "boot-1", 1)
     assert (row["session_id"], row["device_id"]) == ("s1", None)
     assert json.loads(row["data"]) == {"court_id": "c1", "name": "Conceição"}
+
+
+async def test_upgrade_to_delivery_cursors_keeps_the_rows_written_with_each_event(db_path: Path) -> None:
+    """A database from before 0006 had every enabled destination's rows written with the event: each such
+    destination (with rows or a recorded state) gets its cursor at the newest seq, so nothing is queued twice
+    and the rows already there wait as before."""
+    db_path.parent.mkdir(parents=True)
+    with contextlib.closing(sqlite3.connect(db_path, isolation_level=None)) as raw:
+        for m in migrations()[:5]:
+            raw.executescript(f"BEGIN;\n{m.sql}\nPRAGMA user_version = {m.version};\nCOMMIT;")
+        for seq in (1, 2, 3):
+            raw.execute(
+                "INSERT INTO events (seq, event_id, type, occurred_at, mono_ns, boot_id, clock_synced, data)"
+                " VALUES (?, ?, 'session.started', 0, 0, 'b', 1, '{}')",
+                (seq, f"e{seq}"),
+            )
+        raw.execute("INSERT INTO deliveries (destination, seq) VALUES ('ziggy', 1), ('cloud', 2)")
+        raw.execute("INSERT INTO destination_state (destination) VALUES ('archive')")
+
+    async with Database(db_path) as db:
+        cursors = sorted(tuple(r) for r in await db.fetchall("SELECT destination, upto FROM delivery_cursors"))
+        assert cursors == [("archive", 3), ("cloud", 3), ("ziggy", 3)]
+        assert await db.write("test", repo.queue_deliveries, "cloud", 100) == 0
+        assert await scalar(db, "SELECT COUNT(*) FROM deliveries") == 2
+
+
+async def test_events_not_queued_yet_are_pending_and_never_pruned(db: Database) -> None:
+    """Between a decision's commit and its worker's next round, its events have no delivery rows: `outbox status`
+    counts them all the same, and retention leaves them alone however old they are."""
+    await db.write("test", repo.enable_destinations, ("ziggy", "cloud"))
+    batch = [repo.NewEvent("session.started", {}, session_id="s1"), repo.NewEvent("access.decided", {})]
+    await db.write("test", repo.append_events, STAMP, batch)
+    states = await status.destination_states(db, ["ziggy", "cloud"])
+    assert [(s.destination, s.pending, s.oldest_pending_ms) for s in states] == [
+        ("ziggy", 1, repo.to_ms(T0)),
+        ("cloud", 2, repo.to_ms(T0)),
+    ]
+    retention = Retention(
+        db, retention_s=0, require_ack=False, batch=10, interval_s=60, now_ms=lambda: repo.to_ms(T0) + 10**9
+    )
+    assert await retention.prune() == 0
+    for name in ("ziggy", "cloud"):
+        assert await db.write("test", repo.queue_deliveries, name, 100) == 0
+    assert [s.pending for s in await status.destination_states(db, ["ziggy", "cloud"])] == [1, 2]
+    assert await retention.prune() == 0  # queued, but still pending
+    async with db.transaction() as conn:
+        await conn.execute("UPDATE deliveries SET state = 'delivered'")
+    assert await retention.prune() == 2
+    assert [s.pending for s in await status.destination_states(db, ["ziggy", "cloud"])] == [0, 0]
 
 
 def test_duplicate_member_code_names_both_lines(tmp_path: Path) -> None:

@@ -33,6 +33,9 @@ async def test_granted_tap_is_answered_recorded_and_shown_on_the_court(premises:
     events = await premises.rows("SELECT type, session_id, clock_synced FROM events ORDER BY seq")
     assert [e[0] for e in events] == ["access.decided", "session.started"]
     assert all(e[1] == session_id for e in events)
+    assert await premises.pending("cloud") == 2
+    assert await premises.pending("ziggy") == 1
+    await premises.queue_deliveries()  # as the destinations' workers would (none here: no secrets)
     deliveries = await premises.rows(
         "SELECT e.type, d.destination, d.state FROM deliveries d JOIN events e USING (seq) ORDER BY d.seq, 2"
     )
