@@ -83,7 +83,7 @@ class AccessService:
         self._language = Language(config.agent.language)
         self._policy: Policy = config.domain_policy()
         self.courts: Mapping[str, Court] = config.domain_courts()
-        self._devices: dict[str, DeviceConfig] = {d.id: d for d in config.devices}
+        self._devices: dict[str, DeviceConfig] = {d.id: d for d in config.all_devices}
         self._destinations = config.destinations
         self._debounce_ns = int(config.policy.debounce_s * 1e9)
         self._default_max = timedelta(minutes=config.policy.session_max_minutes)

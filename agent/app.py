@@ -28,6 +28,7 @@ from .lan.dispatcher import Dispatcher
 from .lan.presence import Presence
 from .logs import get_logger
 from .metrics import Metrics
+from .readers import AttachedReaders, DispatcherLink
 from .store.db import Database
 from .sync.cloud import CloudDestination
 from .sync.delivery import Destination
@@ -89,7 +90,7 @@ class Agent:
         self.config = config
         self.clock = clock or (TrustedClock() if config.agent.trust_clock else SystemClock())
         self.metrics = Metrics()
-        self.presence = Presence(config.devices)
+        self.presence = Presence(config.all_devices)
         self.ready = asyncio.Event()
         self.broker: EmbeddedBroker | None = None
         self.broker_port: int | None = None
@@ -101,6 +102,7 @@ class Agent:
         self.outbox: Outbox | None = None
         self.retention: Retention | None = None
         self.member_sync: MemberSync | None = None
+        self.readers: AttachedReaders | None = None
         # The agent's own account on the embedded broker: a fresh random password each start, never written.
         self._agent_password = secrets.token_urlsafe(24)
 
@@ -153,6 +155,7 @@ class Agent:
         dispatcher = Dispatcher(service, cfg, self.metrics, self.presence, self.clock)
         self.presence.on_change = dispatcher.presence_changed
         self.service, self.dispatcher = service, dispatcher
+        self.readers = readers = AttachedReaders(cfg.readers, DispatcherLink(dispatcher)) if cfg.readers else None
         runner = await self._start_web(db)
         sync = cfg.sync
         outbox = Outbox(
@@ -183,6 +186,8 @@ class Agent:
                 tg.create_task(retention.run())
                 tg.create_task(self._sweeper(service, dispatcher))
                 tg.create_task(self._announce_ready(dispatcher))
+                if readers is not None:
+                    tg.create_task(readers.run())
                 if member_sync is not None:
                     tg.create_task(member_sync.run_periodically())
         finally:

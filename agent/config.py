@@ -249,6 +249,42 @@ class DeviceConfig(_Model):
         return list(self.courts)
 
 
+READER_KINDS = ("rdm6300", "lines", "buttonbox", "nfc", "osdp")
+_SERIAL_KINDS = ("rdm6300", "lines", "buttonbox", "osdp")
+
+
+class ReaderConfig(_Model):
+    """A reader or button box attached to the box itself (`[[readers]]`): hosted in-process by the agent, its
+    reads decided on the same path as an MQTT reader's. `id` is its device id on the contract (a reader's
+    `rfid/{id}/...`, a button box's `button_id`)."""
+
+    id: DeviceId
+    kind: Literal["rdm6300", "lines", "buttonbox", "nfc", "osdp"]
+    court: str
+    direction: Direction = Direction.IN
+    name: str = ""
+    port: str | None = None  # serial device (or pyserial URL) for the serial kinds
+    path: str | None = None  # nfcpy path for nfc: "usb", "tty:AMA0:pn532", ...
+    baud: int = Field(default=9600, ge=1200, le=921_600)
+    format: str = "hex"  # lines: how the reader writes ids (firmware_bridges.lines.parse_format)
+    address: int = Field(default=0, ge=0, le=126)  # osdp: the reader's address on the bus
+    feedback: Literal["line", "none"] = "none"  # serial kinds: the feedback line on the port's TX
+
+    @model_validator(mode="after")
+    def _where(self) -> ReaderConfig:
+        if self.kind in _SERIAL_KINDS and not self.port:
+            raise ValueError(f"a {self.kind} reader needs 'port' (for example /dev/ttyUSB0)")
+        if self.kind == "nfc" and not self.path:
+            raise ValueError("an nfc reader needs 'path' (for example usb or tty:AMA0:pn532)")
+        if self.id == AGENT_USERNAME:
+            raise ValueError(f"id '{AGENT_USERNAME}' is reserved for the agent itself")
+        return self
+
+    def as_device(self) -> DeviceConfig:
+        kind: Literal["reader", "button"] = "button" if self.kind == "buttonbox" else "reader"
+        return DeviceConfig(id=self.id, kind=kind, court=self.court, direction=self.direction, name=self.name)
+
+
 class ZiggySection(_Model):
     base_url: str
     client_id: str
@@ -285,6 +321,7 @@ class Config(_Model):
     policy: PolicySection = PolicySection()
     courts: list[CourtConfig] = Field(default_factory=list)
     devices: list[DeviceConfig] = Field(default_factory=list)
+    readers: list[ReaderConfig] = Field(default_factory=list)
     ziggy: ZiggySection | None = None
     cloud: CloudSection | None = None
     sync: SyncSection = SyncSection()
@@ -301,6 +338,21 @@ class Config(_Model):
             if device_id in device_ids[:i]:
                 raise KeyedError(f"devices[{i}].id", f"devices[{i}].id = '{device_id}': device ids must be unique")
         known = set(court_ids)
+        places: set[str] = set()
+        for i, reader in enumerate(self.readers):
+            if reader.id in device_ids or reader.id in [r.id for r in self.readers[:i]]:
+                raise KeyedError(
+                    f"readers[{i}].id", f"readers[{i}].id = '{reader.id}': reader and device ids must be unique"
+                )
+            if reader.court not in known:
+                raise KeyedError(
+                    f"readers[{i}].court",
+                    f"readers[{i}].court = '{reader.court}': not a configured court (courts: {sorted(known)})",
+                )
+            place = reader.port or reader.path or ""
+            if reader.kind != "osdp" and place in places:  # OSDP readers share their bus by address
+                raise KeyedError(f"readers[{i}].port", f"readers[{i}]: '{place}' is already used by another reader")
+            places.add(place)
         for i, device in enumerate(self.devices):
             refs = [("court", device.court)] + [(f"courts[{j}]", c) for j, c in enumerate(device.courts)]
             for where, court in refs:
@@ -345,6 +397,11 @@ class Config(_Model):
             enforce_hours_untrusted=p.enforce_hours_untrusted,
             credits_per_checkin=p.credits_per_checkin,
         )
+
+    @property
+    def all_devices(self) -> list[DeviceConfig]:
+        """The LAN devices and the attached readers: everything a decision or the registry may name."""
+        return [*self.devices, *(r.as_device() for r in self.readers)]
 
     @property
     def destinations(self) -> tuple[str, ...]:

@@ -14,6 +14,7 @@ import json
 import random
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,7 @@ class Dispatcher:
         self._dirty_courts: set[str] = set()
         self._dirty_presence: dict[str, DeviceState] = {}
         self._courts_changed = asyncio.Event()
+        self._local: dict[str, list[Callable[[bytes], None]]] = {}  # topic -> in-process listeners
         self.connected = asyncio.Event()
 
     # -- connection ------------------------------------------------------------------------------------------
@@ -107,7 +109,15 @@ class Dispatcher:
         ).encode()
 
     async def run(self, host: str, port: int, username: str, password: str, tls: ssl.SSLContext | None = None) -> None:
-        """Connect, serve, reconnect with capped jittered backoff; returns only by cancellation."""
+        """Decide what arrives (over MQTT or from attached readers), and keep the MQTT connection up; returns only
+        by cancellation. The decision worker outlives connections: an attached reader is answered while the
+        broker connection is being re-established."""
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._worker())
+            tg.create_task(self._connect(host, port, username, password, tls))
+
+    async def _connect(self, host: str, port: int, username: str, password: str, tls: ssl.SSLContext | None) -> None:
+        """Connect, serve, reconnect with capped jittered backoff."""
         backoff = BACKOFF_MIN_S
         will = aiomqtt.Will(topics.AGENT_STATUS, self._status("offline"), qos=1, retain=True)
         while True:
@@ -158,7 +168,6 @@ class Dispatcher:
         log.info("mqtt_ready", subscriptions=len(topics.SUBSCRIPTIONS))
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._worker())
                 tg.create_task(self._court_publisher())
                 async for message in client.messages:
                     self._receive(message)
@@ -184,6 +193,11 @@ class Dispatcher:
         await self._publish_raw(topic, _encode(payload), retain)
 
     async def _publish_raw(self, topic: str, data: bytes, retain: bool) -> None:
+        for listener in self._local.get(topic, ()):
+            try:
+                listener(data)
+            except Exception:  # an attached reader's bug must not stop the decisions
+                log.exception("local_listener_failed", topic=topic)
         client = self._client
         if client is None:
             self._once.warning("publish_while_disconnected", topic.split("/")[0], topic=topic)
@@ -240,18 +254,30 @@ class Dispatcher:
             "message_rejected", f"{kind}:{key}:{reason}", kind=kind, device=key, reason=reason, detail=detail
         )
 
+    # -- attached readers (firmware_bridges.bridge.Link) ---------------------------------------------------
+
+    async def publish_local(self, topic: str, payload: bytes) -> None:
+        """A message from an attached reader: taken exactly as if it had arrived over MQTT."""
+        self._accept(topic, payload, retain=False)
+
+    def listen(self, topic: str, listener: Callable[[bytes], None]) -> None:
+        """Hand every message the agent publishes on `topic` to `listener` as well (an attached reader's
+        answers), before and whether or not it goes out over MQTT."""
+        self._local.setdefault(topic, []).append(listener)
+
     def _receive(self, message: aiomqtt.Message) -> None:
-        topic = message.topic.value
+        raw = message.payload if isinstance(message.payload, bytes | bytearray) else str(message.payload).encode()
+        self._accept(message.topic.value, bytes(raw), message.retain)
+
+    def _accept(self, topic: str, raw: bytes, retain: bool) -> None:
         route = topics.route(topic)
         if route is None:
             self._reject("unknown", "unknown_topic", topic, "not a topic the agent serves")
             return
-        raw = message.payload if isinstance(message.payload, bytes | bytearray) else str(message.payload).encode()
-        raw = bytes(raw)
         if route.kind is Kind.STATUS:
             self._device_status(route, raw)
             return
-        if message.retain:
+        if retain:
             # A stored retained command would be re-decided on every re-subscribe: never act on one, and clear it.
             self._reject(route.kind.value, "retained_command", route.device_or_court, topic)
             with contextlib.suppress(asyncio.QueueFull):
