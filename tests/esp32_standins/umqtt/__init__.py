@@ -1,0 +1,1 @@
+"""Stand-in for micropython-lib's umqtt package (only `umqtt.simple`)."""
