@@ -155,7 +155,9 @@ class Agent:
         dispatcher = Dispatcher(service, cfg, self.metrics, self.presence, self.clock)
         self.presence.on_change = dispatcher.presence_changed
         self.service, self.dispatcher = service, dispatcher
-        self.readers = readers = AttachedReaders(cfg.readers, DispatcherLink(dispatcher)) if cfg.readers else None
+        self.readers = readers = (
+            AttachedReaders(cfg.readers, DispatcherLink(dispatcher), cfg.secrets.osdp_keys) if cfg.readers else None
+        )
         runner = await self._start_web(db)
         sync = cfg.sync
         outbox = Outbox(

@@ -30,6 +30,8 @@ from pydantic import (
     model_validator,
 )
 
+from firmware_bridges.lines import parse_format
+
 from .domain.messages import Language
 from .domain.model import Court, Direction, Policy, SecondTap, TimeWindow, UntrustedClock
 from .errors import ConfigError
@@ -249,8 +251,7 @@ class DeviceConfig(_Model):
         return list(self.courts)
 
 
-READER_KINDS = ("rdm6300", "lines", "buttonbox", "nfc", "osdp")
-_SERIAL_KINDS = ("rdm6300", "lines", "buttonbox", "osdp")
+_SERIAL_KINDS = ("rdm6300", "wiegand", "lines", "buttonbox", "osdp")
 
 
 class ReaderConfig(_Model):
@@ -259,16 +260,17 @@ class ReaderConfig(_Model):
     `rfid/{id}/...`, a button box's `button_id`)."""
 
     id: DeviceId
-    kind: Literal["rdm6300", "lines", "buttonbox", "nfc", "osdp"]
+    kind: Literal["rdm6300", "wiegand", "lines", "buttonbox", "nfc", "osdp", "keywedge"]
     court: str
     direction: Direction = Direction.IN
     name: str = ""
     port: str | None = None  # serial device (or pyserial URL) for the serial kinds
-    path: str | None = None  # nfcpy path for nfc: "usb", "tty:AMA0:pn532", ...
+    path: str | None = None  # nfc: nfcpy's path ("usb", "tty:AMA0:pn532"); keywedge: the input device
     baud: int = Field(default=9600, ge=1200, le=921_600)
     format: str = "hex"  # lines: how the reader writes ids (firmware_bridges.lines.parse_format)
     address: int = Field(default=0, ge=0, le=126)  # osdp: the reader's address on the bus
     feedback: Literal["line", "none"] = "none"  # serial kinds: the feedback line on the port's TX
+    install_mode: bool = False  # osdp: send the reader its key over the factory key (commissioning only)
 
     @model_validator(mode="after")
     def _where(self) -> ReaderConfig:
@@ -276,8 +278,12 @@ class ReaderConfig(_Model):
             raise ValueError(f"a {self.kind} reader needs 'port' (for example /dev/ttyUSB0)")
         if self.kind == "nfc" and not self.path:
             raise ValueError("an nfc reader needs 'path' (for example usb or tty:AMA0:pn532)")
+        if self.kind == "keywedge" and not self.path:
+            raise ValueError("a keywedge reader needs 'path' (for example /dev/input/by-id/usb-...-event-kbd)")
         if self.id == AGENT_USERNAME:
             raise ValueError(f"id '{AGENT_USERNAME}' is reserved for the agent itself")
+        if self.kind in ("lines", "keywedge"):
+            parse_format(self.format)  # its ValueError names what is wrong
         return self
 
     def as_device(self) -> DeviceConfig:
@@ -312,6 +318,17 @@ class Secrets(_Model):
     broker_password: SecretStr | None = None  # the agent's account on an external broker
     # The cloud's bearer token for the pull feed (/api/v1/sync/...); unset: the feed answers 503.
     cloud_pull_token: SecretStr | None = Field(default=None, min_length=16)
+    # OSDP readers' secure channel keys by reader id: 32 hex digits each
+    osdp_keys: dict[str, SecretStr] = Field(default_factory=dict)
+
+    @field_validator("osdp_keys")
+    @classmethod
+    def _osdp_keys_are_keys(cls, keys: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for reader_id, key in keys.items():
+            if not re.fullmatch(r"[0-9A-Fa-f]{32}", key.get_secret_value()):
+                # the message never repeats the key
+                raise ValueError(f"osdp_keys.{reader_id}: a key is 32 hex digits (16 bytes)")
+        return keys
 
 
 class Config(_Model):
@@ -537,6 +554,13 @@ def parse_config(
         if not secrets_file.is_absolute() and base_dir is not None:
             secrets_file = base_dir / secrets_file
         cfg = cfg.model_copy(update={"secrets": _load_secrets(secrets_file)})
+    for i, reader in enumerate(cfg.readers):  # once the secrets are in
+        if reader.kind == "osdp" and reader.id not in cfg.secrets.osdp_keys:
+            raise ConfigError(
+                f"{source}: readers[{i}]: OSDP reader '{reader.id}' has no key: add osdp_keys.{reader.id} "
+                f"(32 hex digits) to the secrets file",
+                key=f"readers[{i}].id",
+            )
     return cfg
 
 

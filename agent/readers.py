@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
+from pydantic import SecretStr
+
 from firmware_bridges.bridge import Bridge, Link, Listener, Role
-from firmware_bridges.device import Adapter, CardRead, DeviceEvent, Fault
-from firmware_bridges.registry import ReaderSpec, build
+from firmware_bridges.device import CardRead, DeviceEvent, Fault
+from firmware_bridges.registry import ReaderSpec, build_all
 
 from .config import ReaderConfig
 from .logs import OnceLogger, get_logger
@@ -26,9 +28,8 @@ log = get_logger("agent.readers")
 RESTART_PAUSE_S = 5.0
 
 
-def build_adapter(reader: ReaderConfig, key: str | None = None) -> Adapter:
-    """The adapter for one `[[readers]]` entry; ValueError when this build cannot serve it."""
-    spec = ReaderSpec(
+def reader_spec(reader: ReaderConfig, key: str | None = None) -> ReaderSpec:
+    return ReaderSpec(
         name=reader.id,
         kind=reader.kind,
         port=reader.port,
@@ -37,9 +38,9 @@ def build_adapter(reader: ReaderConfig, key: str | None = None) -> Adapter:
         format=reader.format,
         address=reader.address,
         key=key,
+        install_mode=reader.install_mode,
         feedback=reader.feedback,
     )
-    return build(spec)
 
 
 class _Dispatcher(Protocol):
@@ -61,13 +62,20 @@ class DispatcherLink:
         self._dispatcher.listen(topic, listener)
 
 
+def _key(keys: Mapping[str, SecretStr], reader_id: str) -> str | None:
+    secret = keys.get(reader_id)
+    return secret.get_secret_value() if secret is not None else None
+
+
 def _card_hash(card_id: str) -> str:
     return hashlib.sha256(card_id.encode()).hexdigest()[:12]  # logs never carry card ids
 
 
 class AttachedReaders:
-    def __init__(self, readers: list[ReaderConfig], link: Link) -> None:
+    def __init__(self, readers: list[ReaderConfig], link: Link, keys: Mapping[str, SecretStr] | None = None) -> None:
         self._readers = readers
+        keys = keys or {}
+        self._adapters = build_all([reader_spec(r, _key(keys, r.id)) for r in readers])
         self._link = link
         self._once = OnceLogger(log)
         self.bridges: dict[str, Bridge] = {}
@@ -96,10 +104,9 @@ class AttachedReaders:
 
     async def _supervise(self, reader: ReaderConfig) -> None:
         role = Role("button" if reader.kind == "buttonbox" else "reader", reader.id, reader.court)
-        try:
-            adapter = build_adapter(reader)
-        except ValueError as exc:
-            log.error("reader_not_supported", reader=reader.id, error=str(exc))
+        adapter = self._adapters[reader.id]
+        if isinstance(adapter, ValueError):
+            log.error("reader_not_started", reader=reader.id, error=str(adapter))
             return
         bridge = Bridge(adapter, role, self._link, on_event=self._logger(reader))
         self.bridges[reader.id] = bridge

@@ -109,9 +109,15 @@ class Bridge:
 
     def _ack(self, payload: bytes) -> None:
         doc = self._answer(payload)
-        if doc is not None:
-            ok = doc.get("status") == "ok"
-            self._spawn(Feedback(Color.GREEN if ok else Color.RED, beeps=1 if ok else 0, long_beep=not ok))
+        if doc is None:
+            return
+        match doc.get("status"):
+            case "ok":
+                self._spawn(Feedback(Color.GREEN, beeps=1))
+            case "no_session":  # the moment is marked, but nobody is playing on the court to own it
+                self._spawn(Feedback(Color.AMBER, beeps=1))
+            case _:
+                self._spawn(Feedback(Color.RED, long_beep=True))
 
     def _spawn(self, feedback: Feedback) -> None:
         task = asyncio.get_running_loop().create_task(self.adapter.send(feedback))

@@ -12,13 +12,13 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import serial
 
-from . import rdm6300
+from . import buttonbox, lines, rdm6300, wiegand
 from .device import CardRead, DeviceCommand, DeviceEvent, EventSink, Fault, Heartbeat
 from .errors import FrameError
 from .feedback import encode_line
@@ -38,11 +38,16 @@ def _fault(error: FrameError) -> Fault:
     return Fault(f"bad frame: {error}")
 
 
-class Rdm6300Decoder:
-    """RDM6300/EM4100: one read per presentation (the reader repeats the frame while the card stays)."""
+class _CardStream(Protocol):
+    def feed(self, chunk: bytes) -> Sequence[object]: ...
 
-    def __init__(self, hold_s: float = 0.5) -> None:
-        self._stream = rdm6300.Rdm6300Stream()
+
+class PresentedCards:
+    """A card stream that cannot tell a card held to the reader from a new tap (RDM6300 repeats its frame, line
+    readers their line): one read per presentation, a new one after `hold_s` without the card."""
+
+    def __init__(self, stream: _CardStream, to_read: Callable[[object], CardRead], hold_s: float = 0.5) -> None:
+        self._stream, self._to_read = stream, to_read
         self._repeats = rdm6300.RepeatFilter(hold_s)
 
     def feed(self, chunk: bytes, now: float) -> list[DeviceEvent]:
@@ -50,9 +55,45 @@ class Rdm6300Decoder:
         for item in self._stream.feed(chunk):
             if isinstance(item, FrameError):
                 out.append(_fault(item))
-            elif self._repeats.accept(item.card_id, now):
-                out.append(CardRead(item.card_id, "em4100"))
+                continue
+            read = self._to_read(item)
+            if self._repeats.accept(read.card_id, now):
+                out.append(read)
         return out
+
+
+def rdm6300_decoder() -> PresentedCards:
+    def to_read(tag: object) -> CardRead:
+        assert isinstance(tag, rdm6300.Em4100Tag)
+        return CardRead(tag.card_id, "em4100")
+
+    return PresentedCards(rdm6300.Rdm6300Stream(), to_read)
+
+
+def wiegand_decoder() -> PresentedCards:
+    def to_read(card: object) -> CardRead:
+        assert isinstance(card, wiegand.WiegandCard)
+        return CardRead(card.card_id, f"wiegand{card.bits}")
+
+    return PresentedCards(wiegand.WiegandLineStream(), to_read)
+
+
+def lines_decoder(fmt: lines.LineFormat) -> PresentedCards:
+    def to_read(read: object) -> CardRead:
+        assert isinstance(read, CardRead)
+        return read
+
+    return PresentedCards(lines.LineStream(fmt), to_read)
+
+
+class ButtonBoxDecoder:
+    """The button box's line protocol (buttonbox.py); its sequence numbers drop the copies it sends."""
+
+    def __init__(self) -> None:
+        self._stream = buttonbox.ButtonBoxStream(buttonbox.SequenceFilter())
+
+    def feed(self, chunk: bytes, now: float) -> list[DeviceEvent]:
+        return [_fault(item) if isinstance(item, FrameError) else item for item in self._stream.feed(chunk, now)]
 
 
 Encoder = Callable[[DeviceCommand], bytes]

@@ -64,3 +64,60 @@ def decode(frame: int, bits: int) -> WiegandCard:
     if not (_ones(data & ((1 << half) - 1)) + odd) & 1:
         raise FrameError(f"Wiegand {bits}: odd parity over the last {half} bits fails")
     return WiegandCard(bits, data >> 16, data & 0xFFFF)
+
+
+# -- the converters' serial output ------------------------------------------------------------------------------
+
+MAX_LINE = 24  # "W34:" and 9 hex digits, with room for spaces and CRLF
+
+
+def encode_line(card: WiegandCard) -> bytes:
+    """The line a converter prints for `card`: `W<bits>:<the raw frame, parity bits included, in hex>`."""
+    return f"W{card.bits}:{encode(card):0{(card.bits + 3) // 4}X}\r\n".encode()
+
+
+def decode_line(line: bytes) -> WiegandCard:
+    """`W26:2468ACE`, `26:2468ACE` or `26,2468ACE` (case and spaces free), CR/LF stripped."""
+    text = line.strip().upper()
+    if text.startswith(b"W"):
+        text = text[1:]
+    for sep in (b":", b",", b" "):
+        bits, found, value = text.partition(sep)
+        if found:
+            break
+    else:
+        raise FrameError("a Wiegand line is BITS:HEX, for example W26:2468ACE", line)
+    bits, value = bits.strip(), value.strip()
+    if not bits.isdigit() or not value or not all(c in b"0123456789ABCDEF" for c in value):
+        raise FrameError("a Wiegand line is BITS:HEX, for example W26:2468ACE", line)
+    return decode(int(value, 16), int(bits))
+
+
+class WiegandLineStream:
+    """A converter's lines in any chunking: cards and errors; an overlong line is reported once and skipped up
+    to its end, never buffered whole."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._overlong = False
+
+    def feed(self, chunk: bytes) -> list[WiegandCard | FrameError]:
+        out: list[WiegandCard | FrameError] = []
+        for byte in chunk:
+            if byte in b"\r\n":
+                if self._buf and not self._overlong:
+                    try:
+                        out.append(decode_line(bytes(self._buf)))
+                    except FrameError as exc:
+                        out.append(exc)
+                self._buf.clear()
+                self._overlong = False
+            elif self._overlong:
+                continue
+            elif len(self._buf) >= MAX_LINE:
+                out.append(FrameError(f"line longer than {MAX_LINE} bytes skipped", bytes(self._buf)))
+                self._buf.clear()
+                self._overlong = True
+            else:
+                self._buf.append(byte)
+        return out

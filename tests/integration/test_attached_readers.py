@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 
 from agent.errors import ConfigError
-from firmware_bridges import rdm6300
-from firmware_bridges.device import Color
+from agent.store.members import MemberRecord
+from firmware_bridges import buttonbox, rdm6300, wiegand
+from firmware_bridges.device import Color, Feedback
 from firmware_bridges.feedback import decode_line
-from tests.conftest import ANA, BRUNO, PASSWORDS, Premises, PremisesFactory, make_config
+from tests.conftest import ANA, BRUNO, PASSWORDS, Premises, PremisesFactory, make_config, members
 
 UNKNOWN = "0A0F0F0F0F"
 
@@ -184,3 +185,110 @@ async def test_the_standalone_bridge_speaks_the_mqtt_contract(premises: Premises
             await asyncio.wait_for(proc.wait(), 10)
     sessions = await premises.rows("SELECT member_id, opened_by FROM sessions WHERE ended_at IS NULL")
     assert sessions == [("m-ana", "r1")]
+
+
+async def test_a_card_on_an_attached_nfc_reader_checks_in(premises_factory: PremisesFactory) -> None:
+    """nfcpy's udp driver as the NFC field: a FeliCa card presented to the agent's own reader opens a session."""
+    from tests.integration.test_nfc import IDM, EmulatedCard, felica, free_udp_port
+
+    port = free_udp_port()
+    records = [*members(), MemberRecord(member_id="m-gil", first_name="Gil", cards=[IDM], groups=["padel"])]
+    reader = {"id": "nfc-1", "kind": "nfc", "path": f"udp:127.0.0.1:{port}", "court": "c1"}
+    premises = await premises_factory(records=records, readers=[reader])
+    card = EmulatedCard(port, felica(IDM))
+    card.present()
+    try:
+        for _ in range(300):  # the udp driver waits 1 s per target and round: a read takes up to ~3 s
+            sessions = await premises.rows("SELECT member_id, opened_by FROM sessions WHERE ended_at IS NULL")
+            if sessions:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await asyncio.to_thread(card.remove)
+    assert sessions == [("m-gil", "nfc-1")]
+    assert premises.metric("scans_total", reader="nfc-1", result="granted", reason="ok") == 1
+
+
+async def test_a_press_on_an_attached_button_box_marks_a_highlight(premises_factory: PremisesFactory) -> None:
+    with pty_pair() as (fd, port):
+        box = {"id": "box-1", "kind": "buttonbox", "port": port, "court": "c1"}
+        premises = await premises_factory(readers=[box])
+        for _ in range(200):
+            if premises.agent.readers and getattr(premises.agent.readers.bridges["box-1"].adapter, "connected", 0):
+                break
+            await asyncio.sleep(0.02)
+        device = Device(fd)
+        device.write(buttonbox.encode(buttonbox.HeartbeatFrame(0, "1.2.0", 5)))
+        press = buttonbox.encode(buttonbox.PressFrame(1, 1))
+        device.write(press + press)  # the box sends each frame twice: one press
+        assert await device.line() == buttonbox.encode_feedback(Feedback.acknowledge()).rstrip(b"\r\n") + b"\r\n"
+        marked = await device.line()  # no session on c1 yet: the moment is marked all the same, amber
+        assert marked.startswith(b"$F,A,")
+        with pytest.raises(TimeoutError):
+            await device.line(within=0.3)
+        async with premises.reader("r1") as r1:
+            assert (await r1.tap(BRUNO)).payload["status"] == "granted"
+        device.write(buttonbox.encode(buttonbox.PressFrame(2, 1)))
+        await device.line()
+        assert (await device.line()).startswith(b"$F,G,")
+        rows = await premises.rows("SELECT court_id, button_id, session_id IS NOT NULL FROM highlights ORDER BY 3")
+        assert rows == [("c1", "box-1", 0), ("c1", "box-1", 1)]
+        states = {s.device_id: s for s in premises.agent.presence.snapshot()}
+        assert states["box-1"].online
+
+
+async def test_a_card_on_an_attached_osdp_reader_checks_in_and_lights_it_green(
+    premises_factory: PremisesFactory, tmp_path: Path
+) -> None:
+    """A libosdp reader (the PD) on a pty: secure channel with the reader's key from the secrets, the card read
+    decided by the agent, the session opened, the granted LED and buzzer commands back at the reader."""
+    from osdp import Command, CommandLEDColor  # type: ignore[import-untyped]
+
+    from tests.integration.test_osdp import FULL, KEY_1, FakeReader, Wire, wait_until
+
+    wire = Wire(tmp_path / "ttyOSDP")
+    pd = FakeReader(wire, 1, KEY_1, FULL)
+    try:
+        entry = {"id": "osdp-1", "kind": "osdp", "port": str(wire.link), "address": 1, "court": "c1"}
+        secrets = tmp_path / "secrets.toml"
+        secrets.write_text(f'osdp_keys = {{ osdp-1 = "{KEY_1.hex()}" }}\n')  # inline: more keys may follow
+        secrets.chmod(0o600)
+        premises = await premises_factory(readers=[entry], agent={"secrets_file": str(secrets)})
+        await wait_until(lambda: premises.agent.presence.snapshot() and _online(premises, "osdp-1"), 10.0)
+        pd.present(bytes.fromhex(BRUNO))
+        # the ack's blue and chirp, then the answer's green and two beeps
+        await wait_until(lambda: len(pd.received(Command.LED)) >= 2 and len(pd.received(Command.Buzzer)) >= 2, 10.0)
+        colours = [c["on_color"] for c in pd.received(Command.LED)]
+        assert colours[:2] == [CommandLEDColor.Blue, CommandLEDColor.Green]
+        assert len(pd.received(Command.Buzzer)) == 2
+        sessions = await premises.rows("SELECT member_id, opened_by FROM sessions WHERE ended_at IS NULL")
+        assert sessions == [("m-bruno", "osdp-1")]
+    finally:
+        await pd.stop()
+        wire.unplug()
+
+
+def _online(premises: Premises, device_id: str) -> bool:
+    return any(s.device_id == device_id and s.online for s in premises.agent.presence.snapshot())
+
+
+@pytest.mark.parametrize(
+    ("kind", "wire", "extra"),
+    [
+        ("wiegand", wiegand.encode_line(wiegand.WiegandCard(34, 0xB0B0, 0xC0C0)), {}),
+        ("lines", b"ID: 04b0b0b0b0\r\n", {"format": "hex:prefix=ID:"}),
+    ],
+)
+async def test_other_serial_readers_decide_the_same_way(
+    premises_factory: PremisesFactory, kind: str, wire: bytes, extra: dict[str, Any]
+) -> None:
+    records = [*members(), MemberRecord(member_id="m-hana", first_name="Hana", cards=["B0B0C0C0"], groups=["padel"])]
+    with pty_pair() as (fd, port):
+        premises = await premises_factory(records=records, readers=[reader(port, kind=kind, **extra)])
+        await connected(premises)
+        device = Device(fd)
+        device.write(b"noise\r\n" + wire)
+        assert decode_line(await device.line()).ack
+        assert decode_line(await device.line()).granted is True
+    sessions = await premises.rows("SELECT member_id FROM sessions WHERE ended_at IS NULL")
+    assert sessions == [("m-hana",)] if kind == "wiegand" else [("m-bruno",)]

@@ -64,3 +64,50 @@ def test_any_34_bit_value_decodes_or_is_refused(frame: int) -> None:
     except FrameError:
         return
     assert wiegand.encode(card) == frame
+
+
+# -- a converter's lines ----------------------------------------------------------------------------------------
+
+W26 = WiegandCard(26, 18, 46)
+
+
+def test_converter_lines_in_each_spelling() -> None:
+    line = wiegand.encode_line(W26)
+    assert line == b"W26:" + f"{wiegand.encode(W26):07X}".encode() + b"\r\n"
+    hex_frame = line[4:-2]
+    for spelling in (line, b"26:" + hex_frame, b"26," + hex_frame, b" w26 : " + hex_frame.lower() + b"\n"):
+        assert wiegand.decode_line(spelling) == W26
+    assert wiegand.decode_line(wiegand.encode_line(WiegandCard(34, 0xBEEF, 0x1234))).card_id == "BEEF1234"
+
+
+@pytest.mark.parametrize(
+    "line", [b"", b"W26", b"W26:", b"WXX:1234567", b"W26:12G4567", b"W99:1234567", b"W26:FFFFFFFF", b"\xff\xfe"]
+)
+def test_bad_converter_lines_are_refused(line: bytes) -> None:
+    with pytest.raises(FrameError):
+        wiegand.decode_line(line)
+
+
+def test_stream_whole_byte_by_byte_and_hostile() -> None:
+    good = wiegand.encode_line(W26)
+    bad = bytearray(good)
+    bad[6] ^= 0x01  # one hex digit changed: a parity fails (or the digit is no longer hex)
+    data = good + b"garbage line\r\n" + bytes(bad) + b"X" * 200 + b"\n" + good
+    whole = wiegand.WiegandLineStream().feed(data)
+    stream = wiegand.WiegandLineStream()
+    one_by_one = [item for byte in data for item in stream.feed(bytes([byte]))]
+    assert [type(i).__name__ for i in whole] == [type(i).__name__ for i in one_by_one]
+    cards = [i for i in whole if isinstance(i, WiegandCard)]
+    errors = [i for i in whole if isinstance(i, FrameError)]
+    assert cards == [W26, W26]
+    assert len(errors) == 3  # the garbage, the corrupt frame, the overlong line (reported once)
+
+
+@given(st.integers(0, 0xFF), st.integers(0, 0xFFFF), st.binary(max_size=64))
+def test_stream_round_trip_with_noise_before(facility: int, number: int, noise: bytes) -> None:
+    card = WiegandCard(26, facility, number)
+    items = wiegand.WiegandLineStream().feed(
+        noise.replace(b"\r", b"").replace(b"\n", b"") + b"\n" + wiegand.encode_line(card)
+    )
+    assert items[-1] == card
+    assert all(isinstance(i, FrameError) for i in items[:-1])
