@@ -68,6 +68,7 @@ test-mosquitto: deps test-deps
 
 bench: deps test-deps
 	$(BIN)/python benchmarks/tap_latency.py
+	$(BIN)/python benchmarks/serial_latency.py
 	$(BIN)/python benchmarks/broker.py
 	$(BIN)/python benchmarks/member_sync.py
 	$(BIN)/python benchmarks/outbox.py --ziggy-events 5000

@@ -63,6 +63,8 @@ class SerialReader:
     buf: bytes = b""
     waiting: asyncio.Future[tuple[float, bytes]] | None = None  # (time, line) of the next feedback line
     lines: list[tuple[float, bytes]] = field(default_factory=list)
+    last_card: str = ""  # kept across the warm-up and the measured taps
+    last_at: float = 0.0
 
 
 @dataclass
@@ -71,6 +73,7 @@ class Stats:
     ack_ms: list[float] = field(default_factory=list)
     outcomes: Counter[str] = field(default_factory=Counter)
     timeouts: int = 0
+    missed: list[str] = field(default_factory=list)
 
 
 def em4100_cards(rng: random.Random, n: int) -> list[str]:
@@ -170,15 +173,13 @@ async def serial_taps(
 ) -> None:
     period = 1.0 / tap_hz if tap_hz > 0 else 0.0
     next_at = time.monotonic() + rng.uniform(0, period)
-    last_card = ""
     for _ in range(count):
         if time.monotonic() > deadline:
             return
         on_court = set(occupancy.by_reader.get(reader.id, ()))
         card = occupancy.pick(reader.id, setup, rng)
-        if card == last_card:  # the reader holds one read per presentation: a new card, or a pause
-            await asyncio.sleep(0.6)
-        last_card = card
+        if card == reader.last_card:  # the agent keeps one read per presentation: lift the card 0.6 s first
+            await asyncio.sleep(max(0.0, reader.last_at + 0.6 - time.monotonic()))
         if period:
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             next_at = max(next_at + period, time.monotonic())
@@ -186,12 +187,16 @@ async def serial_taps(
         frame = rdm6300.encode(bytes.fromhex(card))
         os.write(reader.master, frame)
         sent = time.perf_counter()
+        reader.last_card, reader.last_at = card, time.monotonic()
+        got: list[bytes] = []
         try:
             ack_at, ack = await next_line(reader, REPLY_TIMEOUT_S)
+            got.append(ack)
             done_at, line = await next_line(reader, REPLY_TIMEOUT_S)
         except TimeoutError:
             if stats is not None:
                 stats.timeouts += 1
+                stats.missed.append(f"{reader.id} card {card}: heard {got or 'nothing'}")
             continue
         answer = decode_line(line)
         if answer.granted and card not in on_court:  # a check-in (the feedback line does not say which)
@@ -336,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
             str(timeouts),
         )
     console.print(table)
+    for line in s.missed[:10]:
+        console.print(f"[yellow]no answer within {REPLY_TIMEOUT_S:g} s: {line}[/]")
     p99 = pct(s.decided_ms, 0.99)
     ok = p99 <= BUDGET_P99_MS and code in (0, -signal.SIGTERM) and not s.timeouts
     console.print(
