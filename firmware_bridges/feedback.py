@@ -32,7 +32,7 @@ def _what(feedback: Feedback) -> str:
 
 def _clean(text: str) -> str:
     """Printable, one line, capped: a name from the member list must not break the frame."""
-    return "".join(ch if ch.isprintable() else " " for ch in text)[:MAX_TEXT].rstrip()
+    return "".join(ch if ch.isprintable() else " " for ch in text).strip()[:MAX_TEXT].rstrip()
 
 
 def encode_line(feedback: Feedback) -> bytes:

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from . import fuzz_buttonbox, fuzz_keywedge, fuzz_lines, fuzz_rdm6300, fuzz_wiegand
+from . import fuzz_buttonbox, fuzz_feedback, fuzz_keywedge, fuzz_lines, fuzz_rdm6300, fuzz_wiegand
 
-TARGETS = [fuzz_rdm6300, fuzz_wiegand, fuzz_lines, fuzz_buttonbox, fuzz_keywedge]
+TARGETS = [fuzz_rdm6300, fuzz_wiegand, fuzz_lines, fuzz_buttonbox, fuzz_keywedge, fuzz_feedback]
 ROOT = Path(__file__).resolve().parents[2]
 ATHERIS_RUNS = 2000
 
