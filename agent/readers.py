@@ -17,7 +17,7 @@ from typing import Protocol
 from pydantic import SecretStr
 
 from firmware_bridges.bridge import Bridge, Link, Listener, Role
-from firmware_bridges.device import CardRead, DeviceEvent, Fault
+from firmware_bridges.device import ButtonPress, CardRead, DeviceEvent, Fault
 from firmware_bridges.registry import ReaderSpec, build_all
 
 from .config import ReaderConfig
@@ -84,6 +84,8 @@ class AttachedReaders:
         def on_event(event: DeviceEvent) -> None:
             if isinstance(event, CardRead):
                 log.debug("reader_card_read", reader=reader.id, card=_card_hash(event.card_id), format=event.format)
+            elif isinstance(event, ButtonPress):
+                log.debug("reader_button_press", reader=reader.id, button=event.button, long=event.long)
             elif isinstance(event, Fault):
                 key = f"{reader.id}:{event.reason[:40]}"
                 self._once.warning("reader_fault", key, reader=reader.id, reason=event.reason)
