@@ -36,6 +36,7 @@ from .sync.members import MemberSync
 from .sync.outbox import Outbox
 from .sync.retention import Retention
 from .sync.ziggy import ZiggyDestination
+from .web.api import LocalApi
 from .web.health import IntegrationHealth
 from .web.pull import PullFeedApi
 from .web.server import make_app
@@ -254,7 +255,18 @@ class Agent:
             self._now_ms,
             feed_configured=token is not None,
         )
-        app = make_app(self.metrics, readiness, pull=pull, health=health)
+        api = None
+        if self.service is not None:
+            api = LocalApi(
+                db,
+                self.service,
+                self.presence,
+                self.config.api.clients,
+                self.config.secrets.api_tokens,
+                self.config.destinations,
+                on_courts_changed=self.dispatcher.court_changed if self.dispatcher is not None else lambda c: None,
+            )
+        app = make_app(self.metrics, readiness, pull=pull, health=health, api=api)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.config.api.host, self.config.api.port)

@@ -158,10 +158,26 @@ class BrokerSection(_Model):
         return self
 
 
+class ApiClient(_Model):
+    """A caller of the local REST API (a court or bar tablet, the front desk, an operator): its role bounds what
+    it may do; its bearer token is `api_tokens.<name>` in the secrets file."""
+
+    name: DeviceId
+    role: Literal["court", "bar", "desk", "admin"]
+    courts: list[str] = Field(default_factory=list)  # court role: the courts it serves (required)
+
+    @model_validator(mode="after")
+    def _courts(self) -> ApiClient:
+        if self.role == "court" and not self.courts:
+            raise ValueError(f"API client '{self.name}' has role court: list the courts it serves in 'courts'")
+        return self
+
+
 class ApiSection(_Model):
     host: str = "0.0.0.0"  # noqa: S104
     port: int = Field(default=8080, ge=0, le=65535)
     enabled: bool = True
+    clients: list[ApiClient] = Field(default_factory=list)
 
 
 class SyncSection(_Model):
@@ -355,6 +371,16 @@ class Config(_Model):
             if device_id in device_ids[:i]:
                 raise KeyedError(f"devices[{i}].id", f"devices[{i}].id = '{device_id}': device ids must be unique")
         known = set(court_ids)
+        client_names = [c.name for c in self.api.clients]
+        for i, client in enumerate(self.api.clients):
+            if client.name in client_names[:i]:
+                raise KeyedError(f"api.clients[{i}].name", f"api.clients[{i}].name = '{client.name}': must be unique")
+            for j, served in enumerate(client.courts):
+                if served not in known:
+                    raise KeyedError(
+                        f"api.clients[{i}].courts[{j}]",
+                        f"api.clients[{i}].courts[{j}] = '{served}': not a configured court (courts: {sorted(known)})",
+                    )
         places: set[str] = set()
         for i, reader in enumerate(self.readers):
             if reader.id in device_ids or reader.id in [r.id for r in self.readers[:i]]:
@@ -554,7 +580,15 @@ def parse_config(
         if not secrets_file.is_absolute() and base_dir is not None:
             secrets_file = base_dir / secrets_file
         cfg = cfg.model_copy(update={"secrets": _load_secrets(secrets_file)})
-    for i, reader in enumerate(cfg.readers):  # once the secrets are in
+    for i, client in enumerate(cfg.api.clients):  # once the secrets are in
+        token = cfg.secrets.api_tokens.get(client.name)  # missing: reported at start, the client cannot call
+        if token is not None and len(token.get_secret_value()) < 16:
+            raise ConfigError(
+                f"{source}: api.clients[{i}]: '{client.name}' has a token shorter than 16 characters "
+                f"(api_tokens.{client.name} in the secrets file): make it long and random",
+                key=f"api.clients[{i}].name",
+            )
+    for i, reader in enumerate(cfg.readers):
         if reader.kind == "osdp" and reader.id not in cfg.secrets.osdp_keys:
             raise ConfigError(
                 f"{source}: readers[{i}]: OSDP reader '{reader.id}' has no key: add osdp_keys.{reader.id} "

@@ -4,6 +4,7 @@
 |---|---|
 | GET /healthz, /readyz, /metrics, /api/v1/health/integrations | anyone who reaches the port (no secrets in them) |
 | GET /api/v1/sync/changes, POST /api/v1/sync/ack | the club cloud only: Bearer cloud_pull_token (web/pull.py) |
+| the rest of /api/v1/: courts, sessions, check-in/out, consumption... | `[[api.clients]]` by role (web/api.py) |
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..metrics import Metrics
+from .api import LocalApi
 from .health import IntegrationHealth
 from .pull import PullFeedApi
 
@@ -24,6 +26,7 @@ def make_app(
     *,
     pull: PullFeedApi | None = None,
     health: IntegrationHealth | None = None,
+    api: LocalApi | None = None,
 ) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
@@ -36,7 +39,7 @@ def make_app(
     async def metrics_view(_: web.Request) -> web.Response:
         return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    app = web.Application(client_max_size=64 * 1024)
+    app = web.Application(client_max_size=64 * 1024, middlewares=[api.middleware] if api is not None else [])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
@@ -44,4 +47,6 @@ def make_app(
         app.router.add_get("/api/v1/health/integrations", health.view)
     if pull is not None:
         app.router.add_routes(pull.routes())
+    if api is not None:
+        app.router.add_routes(api.routes())
     return app

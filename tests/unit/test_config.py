@@ -510,7 +510,7 @@ def test_secrets_file_loads_when_private(tmp_path: Path, mode: int) -> None:
     assert secrets.cloud_client_secret.get_secret_value() == "REPLACE-with-the-cloud-client-secret"
     assert secrets.cloud_signing_secret is not None
     assert secrets.cloud_signing_secret.get_secret_value() == "REPLACE-with-the-cloud-signing-secret"
-    assert set(secrets.api_tokens) == {"cloud-pull", "front-desk"}
+    assert set(secrets.api_tokens) == {"front-desk", "bar-1", "court-c1"}
     assert all(isinstance(token, SecretStr) for token in secrets.api_tokens.values())
 
 
@@ -570,11 +570,12 @@ def test_secrets_never_appear_in_repr(tmp_path: Path) -> None:
         "REPLACE-with-the-cloud-signing-secret",
         "REPLACE-with-a-long-random-token",
         "REPLACE-with-another-long-random-token",
+        "REPLACE-with-a-third-long-random-token",
     ]
     shown = [repr(config), str(config), repr(config.secrets), config.model_dump_json()]
     leaked = [v for v in values for text in shown if v in text]
     assert leaked == []
-    assert config.secrets.api_tokens["front-desk"].get_secret_value() == values[-1]
+    assert config.secrets.api_tokens["front-desk"].get_secret_value() == values[3]
 
 
 def test_secrets_file_errors_do_not_echo_secret_values(tmp_path: Path) -> None:
@@ -617,7 +618,7 @@ def test_env_can_enable_secrets_file_relative_to_config(tmp_path: Path) -> None:
     os.chmod(tmp_path / "secrets.toml", 0o600)
     config_path = write(tmp_path, EXAMPLE_TEXT)
     config = load_config(config_path, environ={"CLUB_AGENT_AGENT__SECRETS_FILE": "secrets.toml"})
-    assert set(config.secrets.api_tokens) == {"cloud-pull", "front-desk"}
+    assert set(config.secrets.api_tokens) == {"front-desk", "bar-1", "court-c1"}
 
 
 def test_env_invalid_value_names_the_key() -> None:
