@@ -525,6 +525,57 @@ class AccessService:
             self._metrics.consumption.labels(str(outcome.response["status"])).inc()
         return outcome
 
+    async def void_consumption(self, by: str, request_id: str, line_id: str, reason: str) -> Outcome:
+        """Take back a bar line recorded by mistake, within `policy.void_grace_s` of its recording: the line is
+        marked (it stays, with the reason and who), leaves the session's total, and the cloud hears of it. Ziggy
+        has no call to take a line back: one it has not been sent yet is not sent. Voiding twice is a no-op."""
+        grace_ms = int(self._config.policy.void_grace_s * 1000)
+
+        def answer(status: str, **fields: Any) -> dict[str, Any]:
+            return {"msg_id": request_id, "request_id": request_id, "status": status, "line_id": line_id, **fields}
+
+        def body(conn: sqlite3.Connection, stamp: Stamp) -> Outcome:
+            line = repo.consumption_line(conn, line_id)
+            if line is None:
+                return Outcome(answer("invalid", reason="unknown_line"))
+            total = money(repo.session_consumption_cents(conn, line["session_id"]))
+            if line["voided_at"] is not None:
+                return Outcome(answer("ok", session_id=line["session_id"], session_total=total, already=True))
+            if repo.to_ms(stamp.wall) - int(line["recorded_at"]) > grace_ms:
+                return Outcome(
+                    answer(
+                        "denied",
+                        reason="void_too_late",
+                        detail=f"a line can be voided for {grace_ms // 1000} s after it is recorded",
+                    )
+                )
+            repo.void_consumption(conn, line_id, at=stamp.wall, reason=reason, by=by)
+            voided = NewEvent(
+                "consumption.voided",
+                {
+                    "line_id": line_id,
+                    "request_id": line["request_id"],
+                    "session_id": line["session_id"],
+                    "member_id": line["member_id"],
+                    "court_id": line["court_id"],
+                    "item_id": line["item_id"],
+                    "quantity": line["quantity"],
+                    "total_price": money(line["total_cents"]),
+                    "reason": reason,
+                    "voided_by": by,
+                },
+                session_id=line["session_id"],
+                device_id=by,
+            )
+            repo.append_events(conn, stamp, [voided])
+            total = money(repo.session_consumption_cents(conn, line["session_id"]))
+            return Outcome(
+                answer("ok", session_id=line["session_id"], session_total=total), courts=frozenset({line["court_id"]})
+            )
+
+        unavailable = {**self.denial(Reason.UNAVAILABLE, request_id), "request_id": request_id}
+        return await self._exactly_once(by, request_id, "consumption void", body, unavailable)
+
     # -- highlight button --------------------------------------------------------------------------------------
 
     async def button(self, court_id: str, button_id: str, msg_id: str | None, kind: str = "short") -> Outcome:

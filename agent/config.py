@@ -209,6 +209,7 @@ class PolicySection(_Model):
     debounce_s: float = Field(default=3.0, ge=0, le=60)
     second_tap: SecondTap = SecondTap.CHECKOUT
     second_tap_grace_s: float = Field(default=60, ge=0, le=3600)
+    void_grace_s: float = Field(default=300, ge=0, le=86400)  # how long after recording a bar line may be voided
     anti_passback_s: float = Field(default=0, ge=0, le=86400)
     max_cache_age_h: float = Field(default=36, gt=0, le=24 * 90)
     untrusted_clock: UntrustedClock = UntrustedClock.LAST_KNOWN

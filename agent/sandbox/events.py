@@ -31,6 +31,7 @@ EVENT_TYPES = frozenset(
         "session.started",
         "session.ended",
         "consumption.recorded",
+        "consumption.voided",
         "highlight.created",
         "clock.corrected",
     }

@@ -21,6 +21,7 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "session.started": ("ziggy", "cloud"),
     "session.ended": ("ziggy", "cloud"),
     "consumption.recorded": ("ziggy", "cloud"),
+    "consumption.voided": ("cloud",),  # Ziggy has no call to take a line back (a line voided in time is not sent)
     "highlight.created": ("cloud",),
     "clock.corrected": ("cloud",),
 }
@@ -360,9 +361,22 @@ def insert_consumption(
 
 def session_consumption_cents(conn: sqlite3.Connection, session_id: str) -> int:
     (total,) = conn.execute(
-        "SELECT COALESCE(SUM(total_cents), 0) FROM consumption WHERE session_id = ?", (session_id,)
+        "SELECT COALESCE(SUM(total_cents), 0) FROM consumption WHERE session_id = ? AND voided_at IS NULL",
+        (session_id,),
     ).fetchone()
     return int(total)
+
+
+def consumption_line(conn: sqlite3.Connection, line_id: str) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = conn.execute("SELECT * FROM consumption WHERE line_id = ?", (line_id,)).fetchone()
+    return row
+
+
+def void_consumption(conn: sqlite3.Connection, line_id: str, *, at: datetime, reason: str, by: str) -> None:
+    conn.execute(
+        "UPDATE consumption SET voided_at = ?, void_reason = ?, voided_by = ? WHERE line_id = ? AND voided_at IS NULL",
+        (to_ms(at), reason, by, line_id),
+    )
 
 
 def highlight_count(conn: sqlite3.Connection, court_id: str, since: datetime) -> int:

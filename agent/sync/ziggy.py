@@ -16,8 +16,11 @@ from typing import Any
 import httpx
 
 from ..config import ZiggySection
+from ..logs import get_logger
 from ..store.db import Database
 from .delivery import OutboxEvent, Permanent, Result, Transient, Unauthorized, Verdict, judge, network_error
+
+log = get_logger("agent.sync.ziggy")
 
 KEY_MEMORY_MS = 24 * 3600 * 1000
 TIMEOUT = httpx.Timeout(5.0)  # the reference document's timeout for Ziggy
@@ -98,6 +101,12 @@ class ZiggyDestination:
                 if exc.status != 409:  # 409: already checked out there (a retry that had acted)
                     raise
         elif event.type == "consumption.recorded":
+            voided = await self._db.fetchone(
+                "SELECT voided_at FROM consumption WHERE line_id = ? AND voided_at IS NOT NULL", (data["line_id"],)
+            )
+            if voided is not None:  # taken back at the bar before Ziggy heard of it: nothing to send
+                log.info("ziggy_line_voided_not_sent", line_id=data["line_id"], seq=event.seq)
+                return
             ziggy_id = await self._ziggy_session(event)
             body = {
                 "session_id": ziggy_id,

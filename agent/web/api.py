@@ -94,6 +94,10 @@ class OrderBody(CheckoutBody):
     items: list[ConsumptionItem] = Field(min_length=1, max_length=50)
 
 
+class VoidBody(_Body):
+    reason: str = Field(min_length=1, max_length=200)
+
+
 class _Failures:
     """Failed authentications per address, forgotten after FAILURE_MEMORY_S; bounded in size."""
 
@@ -152,6 +156,7 @@ class LocalApi:
             web.get("/api/v1/sessions/{session_id}/consumption", self.session_consumption),
             web.get("/api/v1/sessions/{session_id}/highlights", self.session_highlights),
             web.post("/api/v1/consumption", self.consume),
+            web.post("/api/v1/consumption/{line_id}/void", self.void),
             web.get("/api/v1/devices", self.devices),
             web.get("/api/v1/outbox", self.outbox),
         ]
@@ -288,6 +293,23 @@ class LocalApi:
         )
         return self._answer(outcome.response, outcome.courts)
 
+    async def void(self, request: web.Request) -> web.Response:
+        if (refused := self._may(request, "consume")) is not None:
+            return refused
+        body = await self._body(request, VoidBody)
+        if isinstance(body, web.Response):
+            return body
+        line_id = request.match_info["line_id"]
+        outcome = await self._service.void_consumption(
+            self._client(request).name, body.request_id, line_id, body.reason
+        )
+        reason = outcome.response.get("reason")
+        if reason == "unknown_line":
+            return error(404, "not_found", f"no consumption line '{line_id}'")
+        if reason == "void_too_late":
+            return error(409, "void_too_late", str(outcome.response.get("detail", "")))
+        return self._answer(outcome.response, outcome.courts)
+
     def _answer(self, response: dict[str, Any], courts: frozenset[str]) -> web.Response:
         for court_id in courts:
             self._courts_changed(court_id)
@@ -337,7 +359,8 @@ class LocalApi:
             return court
         rows = await self._db.fetchall(
             "SELECT line_id, request_id, pos_id, line_no, item_id, item_name, quantity, unit_cents, total_cents,"
-            " recorded_at FROM consumption WHERE session_id = ? ORDER BY recorded_at, request_id, line_no",
+            " recorded_at, voided_at, void_reason FROM consumption WHERE session_id = ?"
+            " ORDER BY recorded_at, request_id, line_no",
             (request.match_info["session_id"],),
         )
         lines = [
@@ -352,10 +375,12 @@ class LocalApi:
                 "unit_price": r["unit_cents"] / 100,
                 "total_price": r["total_cents"] / 100,
                 "recorded_at": repo.iso(repo.from_ms(r["recorded_at"])),
+                "voided_at": repo.iso(repo.from_ms(r["voided_at"])) if r["voided_at"] is not None else None,
+                "void_reason": r["void_reason"],
             }
             for r in rows
         ]
-        total = sum(int(r["total_cents"]) for r in rows) / 100
+        total = sum(int(r["total_cents"]) for r in rows if r["voided_at"] is None) / 100
         return web.json_response({"session_id": request.match_info["session_id"], "lines": lines, "total": total})
 
     async def session_highlights(self, request: web.Request) -> web.Response:

@@ -140,3 +140,25 @@ async def test_consumption_reaches_ziggy_with_its_session_id_between_checkin_and
     ]
     assert session.checked_out_at is not None
     assert session.total == Decimal("21.90")
+
+
+async def test_a_line_voided_before_ziggy_heard_of_it_is_never_sent_there(
+    premises_factory: PremisesFactory, sandbox_factory: Callable[..., Any], tmp_path: Path
+) -> None:
+    # Ziggy is down for the first two calls: the order's lines wait in the outbox while the beer is voided.
+    server = await sandbox_factory({"endpoint": "ziggy.consumption.record", "kind": "503", "count": 2})
+    premises = await premises_factory(**sandbox_overrides(server, tmp_path / "secrets"))
+    service = premises.agent.service
+    assert service is not None
+    async with premises.reader("r1") as reader, premises.tablet("desk") as bar:
+        assert (await reader.tap(ANA)).payload["action"] == "checkin"
+        assert (await bar.order([WATER, BEER], card_id=ANA)).payload["status"] == "ok"
+    [(beer,)] = await premises.rows("SELECT line_id FROM consumption WHERE item_id = 'chopp'")
+    voided = await service.void_consumption("desk", "void-1", beer, "charged to the wrong player")
+    assert voided.response["session_total"] == 9.0
+    await delivered(premises, within=30)
+    [(theirs,)] = await premises.rows("SELECT ziggy_session_id FROM ziggy_sessions")
+    lines = server.sandbox.ziggy.sessions[theirs].lines
+    assert [line["item_id"] for line in lines] == ["agua-500"]  # the beer never reached Ziggy
+    cloud = [e for e in server.sandbox.log if e["kind"] == "event"]
+    assert [e["type"] for e in cloud].count("consumption.voided") == 1  # the cloud hears of the void

@@ -182,7 +182,7 @@ async def test_the_contract_is_served_and_schemathesis_finds_no_server_error(api
     out, _ = await asyncio.wait_for(proc.communicate(), 150)
     text = out.decode(errors="replace")
     assert proc.returncode == 0, text[-4000:]
-    assert "Tested: 10" in text, text[-2000:]  # every operation of the contract was exercised
+    assert "Tested: 11" in text, text[-2000:]  # every operation of the contract was exercised
 
 
 def test_api_clients_are_checked(tmp_path: Path) -> None:
@@ -210,3 +210,50 @@ def test_api_clients_are_checked(tmp_path: Path) -> None:
                 "api": {"clients": [{"name": "t", "role": "bar"}]},
             }
         )
+
+
+async def test_a_line_voided_in_time_leaves_the_total_and_never_reaches_ziggy(api: Premises) -> None:
+    session_id = (
+        await call(api, "desk", "POST", "/api/v1/courts/c1/checkin", json={"request_id": "d1", "card_id": BRUNO})
+    ).json()["session_id"]
+    beer = {"item_id": "chopp", "name": "Chopp", "quantity": 1, "unit_price": 12.9}
+    order = {"request_id": "o1", "session_id": session_id, "items": [WATER, beer]}
+    assert (await call(api, "bar", "POST", "/api/v1/consumption", json=order)).json()["session_total"] == 21.9
+    lines = (await call(api, "bar", "GET", f"/api/v1/sessions/{session_id}/consumption")).json()["lines"]
+    beer_line = next(x["line_id"] for x in lines if x["item_id"] == "chopp")
+    void = {"request_id": "v1", "reason": "wrong player"}
+    path = f"/api/v1/consumption/{beer_line}/void"
+    assert (await call(api, "court-c1", "POST", path, json=void)).status_code == 403  # not a court tablet's
+    answer = await call(api, "bar", "POST", path, json=void)
+    assert (answer.status_code, answer.json()["status"], answer.json()["session_total"]) == (200, "ok", 9.0)
+    assert (await call(api, "bar", "POST", path, json={**void, "request_id": "v2"})).json()["already"] is True
+    listed = (await call(api, "bar", "GET", f"/api/v1/sessions/{session_id}/consumption")).json()
+    assert listed["total"] == 9.0
+    assert [(x["item_id"], x["void_reason"]) for x in listed["lines"]] == [
+        ("agua-500", None),
+        ("chopp", "wrong player"),
+    ]
+    voided = await api.rows(
+        "SELECT json_extract(data, '$.reason'), device_id FROM events WHERE type = 'consumption.voided'"
+    )
+    assert voided == [("wrong player", "bar")]
+    await api.queue_deliveries()  # the void goes to the cloud only; Ziggy has no call to take a line back
+    routed = await api.rows(
+        "SELECT d.destination FROM deliveries d JOIN events e USING (seq) WHERE e.type = 'consumption.voided'"
+    )
+    assert routed == [("cloud",)]
+    unknown = await call(api, "bar", "POST", "/api/v1/consumption/nope/void", json={**void, "request_id": "v3"})
+    assert unknown.status_code == 404
+
+
+async def test_a_line_cannot_be_voided_after_the_grace_period(api: Premises) -> None:
+    await call(api, "desk", "POST", "/api/v1/courts/c1/checkin", json={"request_id": "d1", "card_id": BRUNO})
+    order = {"request_id": "o1", "card_id": BRUNO, "items": [WATER]}
+    await call(api, "bar", "POST", "/api/v1/consumption", json=order)
+    [(line_id,)] = await api.rows("SELECT line_id FROM consumption")
+    api.clock.advance(seconds=301)
+    late = await call(
+        api, "bar", "POST", f"/api/v1/consumption/{line_id}/void", json={"request_id": "v", "reason": "x"}
+    )
+    assert (late.status_code, late.json()["error"]) == (409, "void_too_late")
+    assert await api.rows("SELECT voided_at FROM consumption") == [(None,)]
