@@ -38,6 +38,7 @@ from .sync.retention import Retention
 from .sync.ziggy import ZiggyDestination
 from .web.api import LocalApi
 from .web.health import IntegrationHealth
+from .web.live import LiveHub
 from .web.pull import PullFeedApi
 from .web.server import make_app
 
@@ -257,6 +258,15 @@ class Agent:
         )
         api = None
         if self.service is not None:
+            hub = LiveHub()
+            if self.dispatcher is not None:
+                devices = self.config.all_devices
+                hub.attach(
+                    self.dispatcher,
+                    courts=self.service.courts,
+                    readers=[(d.id, d.court) for d in devices if d.kind == "reader" and d.court],
+                    devices=[d.id for d in devices],
+                )
             api = LocalApi(
                 db,
                 self.service,
@@ -265,6 +275,7 @@ class Agent:
                 self.config.secrets.api_tokens,
                 self.config.destinations,
                 on_courts_changed=self.dispatcher.court_changed if self.dispatcher is not None else lambda c: None,
+                hub=hub,
             )
         app = make_app(self.metrics, readiness, pull=pull, health=health, api=api)
         runner = web.AppRunner(app, access_log=None)

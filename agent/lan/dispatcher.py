@@ -114,6 +114,7 @@ class Dispatcher:
         broker connection is being re-established."""
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._worker())
+            tg.create_task(self._court_publisher())  # local listeners (pages) hear court changes offline too
             tg.create_task(self._connect(host, port, username, password, tls))
 
     async def _connect(self, host: str, port: int, username: str, password: str, tls: ssl.SSLContext | None) -> None:
@@ -167,10 +168,8 @@ class Dispatcher:
         self._metrics.mqtt_connected.set(1)
         log.info("mqtt_ready", subscriptions=len(topics.SUBSCRIPTIONS))
         try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._court_publisher())
-                async for message in client.messages:
-                    self._receive(message)
+            async for message in client.messages:
+                self._receive(message)
         finally:
             self.connected.clear()
 

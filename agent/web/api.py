@@ -38,6 +38,7 @@ from ..logs import OnceLogger, get_logger
 from ..store import repo
 from ..store.db import Database
 from ..sync import status
+from .live import LiveEvent, LiveHub
 
 log = get_logger("agent.web.api")
 
@@ -47,6 +48,7 @@ RIGHTS: dict[str, frozenset[str]] = {
     "desk": frozenset({"read", "checkin", "consume", "devices", "outbox"}),
     "admin": frozenset({"read", "checkin", "consume", "devices", "outbox"}),
 }
+LIVE_PATH = "/api/v1/live"
 OPEN_PATHS = ("/api/v1/openapi.yaml", "/api/v1/health/", "/api/v1/sync/")  # their own rules (or none)
 FREE_FAILURES = 3  # failed authentications from one address before answers slow down
 MAX_PENALTY_S = 5.0
@@ -132,7 +134,9 @@ class LocalApi:
         tokens: Mapping[str, SecretStr],
         destinations: Sequence[str],
         on_courts_changed: Callable[[str], None] = lambda court_id: None,
+        hub: LiveHub | None = None,
     ) -> None:
+        self._hub = hub or LiveHub()
         self._db, self._service, self._presence = db, service, presence
         self._clients = [(c, tokens[c.name].get_secret_value().encode()) for c in clients if c.name in tokens]
         for c in clients:
@@ -159,6 +163,7 @@ class LocalApi:
             web.post("/api/v1/consumption/{line_id}/void", self.void),
             web.get("/api/v1/devices", self.devices),
             web.get("/api/v1/outbox", self.outbox),
+            web.get(LIVE_PATH, self.live),
         ]
 
     @web.middleware
@@ -168,7 +173,12 @@ class LocalApi:
             return await handler(request)
         address = request.remote or "?"
         now = time.monotonic()
-        client = self._who(request.headers.get("Authorization", ""))
+        header = request.headers.get("Authorization", "")
+        if not header and path == LIVE_PATH and "access_token" in request.query:
+            # EventSource cannot send headers: the page's token comes as RFC 6750's query parameter (the
+            # agent keeps no access log, so it is written nowhere)
+            header = f"Bearer {request.query['access_token']}"
+        client = self._who(header)
         if client is None:
             await asyncio.sleep(self._failures.penalty_s(address, now))  # before the answer: guessing is slow
             count = self._failures.failed(address, now)
@@ -414,6 +424,19 @@ class LocalApi:
         if (refused := self._may(request, "devices")) is not None:
             return refused
         return web.json_response({"devices": [s.to_json() for s in self._presence.snapshot()]})
+
+    async def live(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events: `court` (a court's screen), `decision` (a reader's answer on a court) and, for the
+        desk, `device` (presence); the current state first."""
+        if (refused := self._may(request, "read")) is not None:
+            return refused
+        client = self._client(request)
+        courts = frozenset(self._visible_courts(request))
+        devices = "devices" in RIGHTS[client.role]
+        snapshot = [LiveEvent("court", c, await self._service.court_state(c)) for c in sorted(courts)]
+        if devices:
+            snapshot += [LiveEvent("device", None, s.to_json()) for s in self._presence.snapshot()]
+        return await self._hub.stream(request, None if client.role != "court" else courts, devices, snapshot)
 
     async def outbox(self, request: web.Request) -> web.Response:
         if (refused := self._may(request, "outbox")) is not None:

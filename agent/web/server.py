@@ -5,11 +5,13 @@
 | GET /healthz, /readyz, /metrics, /api/v1/health/integrations | anyone who reaches the port (no secrets in them) |
 | GET /api/v1/sync/changes, POST /api/v1/sync/ack | the club cloud only: Bearer cloud_pull_token (web/pull.py) |
 | the rest of /api/v1/: courts, sessions, check-in/out, consumption... | `[[api.clients]]` by role (web/api.py) |
+| GET /tablet/court?court=ID, /static/... | anyone on the LAN: a page holds no data, it calls the API with its token |
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -18,6 +20,13 @@ from ..metrics import Metrics
 from .api import LocalApi
 from .health import IntegrationHealth
 from .pull import PullFeedApi
+
+
+def _page(path: Path) -> Callable[[web.Request], Awaitable[web.FileResponse]]:
+    async def serve(_: web.Request) -> web.FileResponse:
+        return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
+
+    return serve
 
 
 def make_app(
@@ -49,4 +58,7 @@ def make_app(
         app.router.add_routes(pull.routes())
     if api is not None:
         app.router.add_routes(api.routes())
+        static = Path(__file__).parent / "static"
+        app.router.add_get("/tablet/court", _page(static / "court.html"))
+        app.router.add_static("/static/", static, append_version=False)
     return app
