@@ -178,6 +178,7 @@ async def test_the_contract_is_served_and_schemathesis_finds_no_server_error(api
         "--no-color",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        cwd=tmp_path,  # its .schemathesis cache stays out of the repository
     )
     out, _ = await asyncio.wait_for(proc.communicate(), 150)
     text = out.decode(errors="replace")
