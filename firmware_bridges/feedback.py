@@ -19,6 +19,8 @@ from .device import Color, Feedback
 from .errors import FrameError
 
 MAX_TEXT = 64
+_WHAT = ("ACK", "GRANTED", "DENIED", "SHOW")
+_DIGITS = tuple("0123456789")  # one ASCII digit: not "", not "12", not another script's digit
 MAX_LINE = 4 + 8 + 6 + 2 + 2 + MAX_TEXT * 4 + 1  # UTF-8: at most 4 bytes a character
 
 
@@ -58,8 +60,14 @@ def decode_line(line: bytes) -> Feedback:
         color = Color(colour.lower())
     except ValueError as exc:
         raise FrameError(f"unknown colour {colour!r}", line) from exc
-    if what not in ("ACK", "GRANTED", "DENIED", "SHOW") or not beeps.isdigit() or long_beep not in ("0", "1"):
+    if (
+        what not in ("ACK", "GRANTED", "DENIED", "SHOW")
+        or beeps not in tuple("0123456789")
+        or long_beep not in ("0", "1")
+    ):
         raise FrameError("malformed feedback fields", line)
+    if len(parts) > 5 and not parts[5].isprintable():
+        raise FrameError("feedback text holds control characters", line)
     granted = {"GRANTED": True, "DENIED": False}.get(what)
     return Feedback(
         color,

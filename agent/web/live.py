@@ -67,18 +67,27 @@ class LiveHub:
         for device_id in devices:
             source.listen(topics.presence(device_id), self._device)
 
+    # The listeners run on the decision path (as the answer is published): with no page open they cost a check.
+
     def _court(self, court_id: str) -> Callable[[bytes], None]:
-        return lambda payload: self.publish(LiveEvent("court", court_id, json.loads(payload)))
+        def forward(payload: bytes) -> None:
+            if self._subscribers:
+                self.publish(LiveEvent("court", court_id, json.loads(payload)))
+
+        return forward
 
     def _decision(self, reader_id: str, court_id: str) -> Callable[[bytes], None]:
         def forward(payload: bytes) -> None:
+            if not self._subscribers:
+                return
             answer = json.loads(payload)
             self.publish(LiveEvent("decision", court_id, {"reader_id": reader_id, "court_id": court_id, **answer}))
 
         return forward
 
     def _device(self, payload: bytes) -> None:
-        self.publish(LiveEvent("device", None, json.loads(payload)))
+        if self._subscribers:
+            self.publish(LiveEvent("device", None, json.loads(payload)))
 
     def publish(self, event: LiveEvent) -> None:
         for subscriber in list(self._subscribers):
