@@ -695,12 +695,13 @@ class AccessService:
     async def court_state(self, court_id: str) -> dict[str, Any]:
         """The retained picture of one court for its tablets and displays."""
 
-        def read(conn: sqlite3.Connection) -> tuple[list[repo.SessionView], int]:
+        def read(conn: sqlite3.Connection) -> tuple[list[repo.SessionView], int, dict[str, int]]:
             sessions = repo.open_sessions(conn, court_id)
             since = sessions[0].started_at if sessions else None
-            return sessions, repo.highlight_count(conn, court_id, since) if since else 0
+            spent = {s.session_id: repo.session_consumption_cents(conn, s.session_id) for s in sessions}
+            return sessions, repo.highlight_count(conn, court_id, since) if since else 0, spent
 
-        sessions, count = await self._db.read(read)
+        sessions, count, spent = await self._db.read(read)
         court = self.courts[court_id]
         return {
             "court_id": court_id,
@@ -714,6 +715,7 @@ class AccessService:
                     "first_name": s.first_name,
                     "started_at": iso(s.started_at),
                     "credits_left": s.credits_left,
+                    "consumption_total": money(spent.get(s.session_id, 0)),
                 }
                 for s in sessions[:MAX_PLAYERS_SHOWN]
             ],

@@ -276,6 +276,7 @@ class Agent:
                 self.config.destinations,
                 on_courts_changed=self.dispatcher.court_changed if self.dispatcher is not None else lambda c: None,
                 hub=hub,
+                catalogue=self.config.bar.items,
             )
         app = make_app(self.metrics, readiness, pull=pull, health=health, api=api)
         runner = web.AppRunner(app, access_log=None)

@@ -180,6 +180,24 @@ class ApiSection(_Model):
     clients: list[ApiClient] = Field(default_factory=list)
 
 
+class CatalogueItem(_Model):
+    """One item of the bar's grid (`[[bar.items]]`): what the bar tablet offers, at what price."""
+
+    item_id: str = Field(min_length=1, max_length=64)
+    name: str = Field(min_length=1, max_length=128)
+    unit_price: float = Field(ge=0, le=10_000)
+
+    @model_validator(mode="after")
+    def _cents(self) -> CatalogueItem:
+        if round(self.unit_price * 100) != self.unit_price * 100:
+            raise ValueError(f"bar item '{self.item_id}': unit_price {self.unit_price} has more than 2 decimals")
+        return self
+
+
+class BarSection(_Model):
+    items: list[CatalogueItem] = Field(default_factory=list)
+
+
 class SyncSection(_Model):
     """The outbox's pace and the event log's retention (DESIGN 3)."""
 
@@ -359,6 +377,7 @@ class Config(_Model):
     ziggy: ZiggySection | None = None
     cloud: CloudSection | None = None
     sync: SyncSection = SyncSection()
+    bar: BarSection = BarSection()
     secrets: Secrets = Secrets()
 
     @model_validator(mode="after")
@@ -371,6 +390,10 @@ class Config(_Model):
         for i, device_id in enumerate(device_ids):
             if device_id in device_ids[:i]:
                 raise KeyedError(f"devices[{i}].id", f"devices[{i}].id = '{device_id}': device ids must be unique")
+        item_ids = [item.item_id for item in self.bar.items]
+        for i, item_id in enumerate(item_ids):
+            if item_id in item_ids[:i]:
+                raise KeyedError(f"bar.items[{i}].item_id", f"bar.items[{i}].item_id = '{item_id}': must be unique")
         known = set(court_ids)
         client_names = [c.name for c in self.api.clients]
         for i, client in enumerate(self.api.clients):

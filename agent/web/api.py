@@ -31,7 +31,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from ..access import AccessService, Outcome
-from ..config import ApiClient
+from ..config import ApiClient, CatalogueItem
 from ..lan.payloads import MAX_ID, CardId, ConsumptionItem
 from ..lan.presence import Presence
 from ..logs import OnceLogger, get_logger
@@ -135,7 +135,9 @@ class LocalApi:
         destinations: Sequence[str],
         on_courts_changed: Callable[[str], None] = lambda court_id: None,
         hub: LiveHub | None = None,
+        catalogue: Sequence[CatalogueItem] = (),
     ) -> None:
+        self._catalogue = [item.model_dump() for item in catalogue]
         self._hub = hub or LiveHub()
         self._db, self._service, self._presence = db, service, presence
         self._clients = [(c, tokens[c.name].get_secret_value().encode()) for c in clients if c.name in tokens]
@@ -164,6 +166,7 @@ class LocalApi:
             web.get("/api/v1/devices", self.devices),
             web.get("/api/v1/outbox", self.outbox),
             web.get(LIVE_PATH, self.live),
+            web.get("/api/v1/catalogue", self.catalogue),
         ]
 
     @web.middleware
@@ -424,6 +427,12 @@ class LocalApi:
         if (refused := self._may(request, "devices")) is not None:
             return refused
         return web.json_response({"devices": [s.to_json() for s in self._presence.snapshot()]})
+
+    async def catalogue(self, request: web.Request) -> web.Response:
+        """The bar's item grid, from the config's [[bar.items]]."""
+        if (refused := self._may(request, "read")) is not None:
+            return refused
+        return web.json_response({"items": self._catalogue})
 
     async def live(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: `court` (a court's screen), `decision` (a reader's answer on a court) and, for the

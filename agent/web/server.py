@@ -5,7 +5,7 @@
 | GET /healthz, /readyz, /metrics, /api/v1/health/integrations | anyone who reaches the port (no secrets in them) |
 | GET /api/v1/sync/changes, POST /api/v1/sync/ack | the club cloud only: Bearer cloud_pull_token (web/pull.py) |
 | the rest of /api/v1/: courts, sessions, check-in/out, consumption... | `[[api.clients]]` by role (web/api.py) |
-| GET /tablet/court?court=ID, /static/... | anyone on the LAN: a page holds no data, it calls the API with its token |
+| GET /tablet/court?court=ID, /tablet/bar, /static/... | anyone: a page holds no data, it calls the API with its token |
 """
 
 from __future__ import annotations
@@ -60,5 +60,6 @@ def make_app(
         app.router.add_routes(api.routes())
         static = Path(__file__).parent / "static"
         app.router.add_get("/tablet/court", _page(static / "court.html"))
+        app.router.add_get("/tablet/bar", _page(static / "bar.html"))
         app.router.add_static("/static/", static, append_version=False)
     return app

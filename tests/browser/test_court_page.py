@@ -3,10 +3,8 @@ a check-in by member code, and a tap on a reader appearing on the page. Screensh
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +12,8 @@ import pytest
 
 from tests.conftest import ANA, Premises, PremisesFactory
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-ARTIFACTS = Path(os.environ.get("CLUB_AGENT_ARTIFACTS", Path(__file__).resolve().parents[2] / ".artifacts"))
+Shot = Callable[[Any, str], Awaitable[None]]
 TOKEN = "tok-court-c1-0123456789"
-
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make test-deps)")
 
 
 @pytest.fixture
@@ -31,25 +26,9 @@ async def court(premises_factory: PremisesFactory, tmp_path: Path) -> Premises:
     return premises
 
 
-@pytest.fixture
-async def page() -> AsyncIterator[Any]:
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
-        try:
-            context = await browser.new_context(viewport={"width": 1024, "height": 700}, locale="pt-BR")
-            yield await context.new_page()
-        finally:
-            await browser.close()
-
-
-async def screenshot(page: Any, name: str) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    await page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
-
-
-async def test_check_in_by_member_code_and_a_reader_tap_show_on_the_court_page(court: Premises, page: Any) -> None:
+async def test_check_in_by_member_code_and_a_reader_tap_show_on_the_court_page(
+    court: Premises, page: Any, screenshot: Shot
+) -> None:
     from playwright.async_api import expect
 
     await page.goto(f"http://127.0.0.1:{court.agent.api_port}/tablet/court?court=c1&token={TOKEN}")

@@ -8,6 +8,8 @@ const TEXTS = {
     offline: "Sem conexão com o agente: tentando de novo", online: "Conectado",
     noToken: "Este tablet ainda não foi configurado: abra a página com ?token=... uma vez.",
     error: "Erro", language: "English",
+    bar: "Bar", items: "Itens", total: "Total", confirm: "Confirmar", recorded: "Registrado",
+    sessionTotal: "total da sessão", nobodyPlaying: "Ninguém em quadra",
   },
   en: {
     court: "Court", players: "Players", nobody: "Court free", highlights: "Highlights",
@@ -15,6 +17,8 @@ const TEXTS = {
     offline: "No connection to the agent: retrying", online: "Connected",
     noToken: "This tablet is not set up yet: open the page once with ?token=...",
     error: "Error", language: "Português",
+    bar: "Bar", items: "Items", total: "Total", confirm: "Confirm", recorded: "Recorded",
+    sessionTotal: "session total", nobodyPlaying: "Nobody on court",
   },
 };
 

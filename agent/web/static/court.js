@@ -25,10 +25,13 @@ function render() {
           el("li", { "data-session": p.session_id },
             el("span", { class: "name" }, p.first_name || p.member_id),
             el("span", { class: "timer", "data-since": p.started_at }, elapsed(p.started_at, now)),
-            el("span", { class: "credits" }, credits(p.credits_left))))
+            el("span", { class: "credits" }, credits(p.credits_left)),
+            el("span", { class: "spent" }, p.consumption_total ? money(p.consumption_total) : "")))
       : [el("li", { class: "empty" }, T.nobody)]),
   );
 }
+
+const money = (value) => new Intl.NumberFormat(LANG, { style: "currency", currency: "BRL" }).format(value);
 
 function credits(n) {
   if (n === null || n === undefined) return "";
