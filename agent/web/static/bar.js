@@ -5,17 +5,7 @@ let sessions = [];
 let catalogue = [];
 let picked = null; // session id
 const order = new Map(); // item_id -> quantity
-let bannerTimer = null;
 
-const money = (value) => new Intl.NumberFormat(LANG, { style: "currency", currency: "BRL" }).format(value);
-
-function show(message, good) {
-  const banner = document.getElementById("banner");
-  banner.textContent = message;
-  banner.className = "banner " + (good ? "good" : "bad");
-  clearTimeout(bannerTimer);
-  bannerTimer = setTimeout(() => { banner.className = "banner hidden"; }, 6000);
-}
 
 function total() {
   let cents = 0;
@@ -97,11 +87,7 @@ async function setup() {
     show(`${T.error}: ${error.message}`, false);
   }
   // every court change (a check-in, a checkout) refreshes who can be charged
-  live({ court: () => { refreshSessions().catch(() => {}); } }, (up) => {
-    const link = document.getElementById("link");
-    link.className = "link " + (up ? "on" : "off");
-    link.textContent = up ? T.online : T.offline;
-  });
+  live({ court: () => { refreshSessions().catch(() => {}); } }, linkState);
   render();
 }
 

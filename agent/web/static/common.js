@@ -91,3 +91,22 @@ function el(tag, attrs = {}, ...children) {
   for (const child of children) node.append(child);
   return node;
 }
+
+const money = (value) => new Intl.NumberFormat(LANG, { style: "currency", currency: "BRL" }).format(value);
+
+let bannerTimer = null;
+
+// The big message at the top: green for a yes, red for a no; it goes after a few seconds.
+function show(message, good) {
+  const banner = document.getElementById("banner");
+  banner.textContent = message;
+  banner.className = "banner " + (good ? "good" : "bad");
+  clearTimeout(bannerTimer);
+  bannerTimer = setTimeout(() => { banner.className = "banner hidden"; }, 6000);
+}
+
+function linkState(up) {
+  const link = document.getElementById("link");
+  link.className = "link " + (up ? "on" : "off");
+  link.textContent = up ? T.online : T.offline;
+}

@@ -4,15 +4,7 @@
 const courtId = new URLSearchParams(location.search).get("court");
 let state = { players: [], highlight_count: 0 };
 let skewMs = 0; // the agent's clock minus this tablet's: timers follow the agent, whatever the tablet's clock says
-let bannerTimer = null;
 
-function show(message, good) {
-  const banner = document.getElementById("banner");
-  banner.textContent = message;
-  banner.className = "banner " + (good ? "good" : "bad");
-  clearTimeout(bannerTimer);
-  bannerTimer = setTimeout(() => { banner.className = "banner hidden"; }, 6000);
-}
 
 function render() {
   document.getElementById("court-name").textContent = state.name || `${T.court} ${courtId}`;
@@ -30,8 +22,6 @@ function render() {
       : [el("li", { class: "empty" }, T.nobody)]),
   );
 }
-
-const money = (value) => new Intl.NumberFormat(LANG, { style: "currency", currency: "BRL" }).format(value);
 
 function credits(n) {
   if (n === null || n === undefined) return "";
@@ -84,11 +74,7 @@ function setup() {
       },
       decision: (data) => { if (data.court_id === courtId && data.message) show(data.message, data.status === "granted"); },
     },
-    (up) => {
-      const link = document.getElementById("link");
-      link.className = "link " + (up ? "on" : "off");
-      link.textContent = up ? T.online : T.offline;
-    },
+    linkState,
   );
   render();
   setInterval(tick, 1000);
