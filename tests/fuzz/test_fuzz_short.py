@@ -31,6 +31,8 @@ def _name(target: ModuleType) -> str:
 @settings(settings.get_profile("fuzz-short"))
 @given(data=st.binary(max_size=512))
 def test_target_on_generated_input(target: ModuleType, data: bytes) -> None:
+    """The target's own assertions are the checks (feed never raises, items are decoded or FrameError, buffers
+    stay bounded, chunking changes nothing, round trips hold): any of them failing fails this test."""
     target.TestOneInput(data)
 
 
