@@ -20,7 +20,7 @@ from typing import Any
 from .clock import Clock
 from .config import Config, DeviceConfig
 from .domain.decide import decide
-from .domain.messages import Language, denial_message, message
+from .domain.messages import Language, bar_message, denial_message, message
 from .domain.model import Action, Court, Decision, Direction, Now, OpenSession, Policy, Reason
 from .domain.sessions import duration_minutes, highlight_window, overdue
 from .errors import StoreError
@@ -184,6 +184,8 @@ class AccessService:
     async def scan(self, reader_id: str, card_id: str, msg_id: str | None) -> Outcome:
         """A card read at a reader (MQTT or a directly attached bridge)."""
         reader = self._devices.get(reader_id)
+        if reader is not None and reader.kind == "reader" and reader.pos is not None:
+            return await self.bar_tap(reader_id, reader.pos, card_id, msg_id)
         if reader is None or reader.kind != "reader" or reader.court is None or reader.court not in self.courts:
             self._metrics.scans.labels(reader_id, "denied", Reason.UNKNOWN_READER.value).inc()
             self._once.warning("scan_from_unknown_reader", reader_id, reader=reader_id)
@@ -195,6 +197,34 @@ class AccessService:
             msg_id=msg_id,
             card_id=card_id,
         )
+
+    async def bar_tap(self, reader_id: str, pos_id: str, card_id: str, msg_id: str | None) -> Outcome:
+        """A card at a bar reader names whose order the bar's tablets take next: the holder's open session. It
+        decides and records nothing (the order does, when confirmed); `pos` and the session go to the pages."""
+        found = await self._db.read(repo.lookup, card_id=card_id)
+        session = found.state.open_session if found.member is not None else None
+        first_name = found.member.first_name if found.member is not None else None
+        if session is None:
+            reason = Reason.UNKNOWN_CARD if found.member is None else Reason.NO_OPEN_SESSION
+            reply: dict[str, Any] = {
+                **self.denial(reason, msg_id),
+                "message": bar_message(None, False, self._language),
+            }
+        else:
+            reply = {
+                "msg_id": msg_id,
+                "status": "granted",
+                "action": Action.NONE.value,
+                "reason": Reason.OK.value,
+                "message": bar_message(first_name, True, self._language),
+                "color": "green",
+                "member_id": session.member_id,
+                "first_name": first_name,
+                "session_id": session.session_id,
+                "court_id": session.court_id,
+            }
+        self._metrics.scans.labels(reader_id, reply["status"], reply["reason"]).inc()
+        return Outcome({**reply, "pos": pos_id})
 
     async def tablet_checkin(
         self,

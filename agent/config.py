@@ -261,19 +261,30 @@ def _check_hash(value: str | None) -> str | None:
     return value
 
 
+def _placed(kind: str, court: str | None, pos: str | None) -> None:
+    """A reader stands at a court's door (a tap checks in or out) or at a bar (`pos`: a tap picks the player on
+    that bar's tablets and decides nothing); a button is on a court."""
+    if kind == "reader" and (court is None) == (pos is None):
+        raise ValueError("a reader needs exactly one of 'court' (at a court's door) or 'pos' (at a bar)")
+    if kind != "reader" and pos is not None:
+        raise ValueError(f"'pos' is for readers at a bar, not a {kind}")
+    if kind in ("button", "buttonbox") and not court:
+        raise ValueError(f"a {kind} needs 'court'")
+
+
 class DeviceConfig(_Model):
     id: DeviceId
     kind: Literal["reader", "button", "tablet", "display"]
-    court: str | None = None  # readers and buttons: required; tablets: optional single court
+    court: str | None = None  # readers (or pos) and buttons: required; tablets: optional single court
     courts: list[str] = Field(default_factory=list)  # tablets that serve several courts; empty: all
+    pos: str | None = Field(default=None, min_length=1, max_length=64)  # a reader at the bar (see _bound)
     direction: Direction = Direction.IN
     name: str = ""
     password_hash: Annotated[str | None, AfterValidator(_check_hash)] = None
 
     @model_validator(mode="after")
     def _bound(self) -> DeviceConfig:
-        if self.kind in ("reader", "button") and not self.court:
-            raise ValueError(f"a {self.kind} needs 'court'")
+        _placed(self.kind, self.court, self.pos)
         if self.id == AGENT_USERNAME:
             raise ValueError(f"id '{AGENT_USERNAME}' is reserved for the agent itself")
         return self
@@ -296,7 +307,8 @@ class ReaderConfig(_Model):
 
     id: DeviceId
     kind: Literal["rdm6300", "wiegand", "lines", "buttonbox", "nfc", "osdp", "keywedge"]
-    court: str
+    court: str | None = None  # a reader at a court's door, or the button box's court
+    pos: str | None = Field(default=None, min_length=1, max_length=64)  # or a reader at this bar
     direction: Direction = Direction.IN
     name: str = ""
     port: str | None = None  # serial device (or pyserial URL) for the serial kinds
@@ -315,6 +327,7 @@ class ReaderConfig(_Model):
             raise ValueError("an nfc reader needs 'path' (for example usb or tty:AMA0:pn532)")
         if self.kind == "keywedge" and not self.path:
             raise ValueError("a keywedge reader needs 'path' (for example /dev/input/by-id/usb-...-event-kbd)")
+        _placed("buttonbox" if self.kind == "buttonbox" else "reader", self.court, self.pos)
         if self.id == AGENT_USERNAME:
             raise ValueError(f"id '{AGENT_USERNAME}' is reserved for the agent itself")
         if self.kind in ("lines", "keywedge"):
@@ -323,7 +336,9 @@ class ReaderConfig(_Model):
 
     def as_device(self) -> DeviceConfig:
         kind: Literal["reader", "button"] = "button" if self.kind == "buttonbox" else "reader"
-        return DeviceConfig(id=self.id, kind=kind, court=self.court, direction=self.direction, name=self.name)
+        return DeviceConfig(
+            id=self.id, kind=kind, court=self.court, pos=self.pos, direction=self.direction, name=self.name
+        )
 
 
 class ZiggySection(_Model):
@@ -411,7 +426,7 @@ class Config(_Model):
                 raise KeyedError(
                     f"readers[{i}].id", f"readers[{i}].id = '{reader.id}': reader and device ids must be unique"
                 )
-            if reader.court not in known:
+            if reader.court is not None and reader.court not in known:  # or a bar's (pos)
                 raise KeyedError(
                     f"readers[{i}].court",
                     f"readers[{i}].court = '{reader.court}': not a configured court (courts: {sorted(known)})",

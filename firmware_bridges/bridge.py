@@ -38,11 +38,16 @@ class Link(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Role:
-    """What the device is on the contract: a reader (`device_id` is its reader id) or a court's button box."""
+    """What the device is on the contract: a reader (`device_id` is its reader id; the agent knows where it
+    stands) or a court's button box."""
 
     kind: Literal["reader", "button"]
     device_id: str
-    court: str
+    court: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind == "button" and not self.court:
+            raise ValueError(f"button box '{self.device_id}' needs its court")
 
 
 class Bridge:

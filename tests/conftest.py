@@ -46,6 +46,7 @@ DEVICES: list[dict[str, Any]] = [
     {"id": "r1", "kind": "reader", "court": "c1"},
     {"id": "r2", "kind": "reader", "court": "c2"},
     {"id": "rx", "kind": "reader", "court": "c1", "direction": "out"},
+    {"id": "rb", "kind": "reader", "pos": "bar-1"},  # at the bar: a tap picks whose order it is
     {"id": "b1", "kind": "button", "court": "c1"},
     {"id": "t1", "kind": "tablet", "court": "c1"},
     {"id": "desk", "kind": "tablet"},

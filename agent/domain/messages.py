@@ -51,6 +51,11 @@ _DENIED = {
 
 _WELCOME = {Language.PT_BR: "Bem-vindo, {name}!", Language.EN: "Welcome, {name}!"}
 _GOODBYE = {Language.PT_BR: "Até logo, {name}!", Language.EN: "See you, {name}!"}
+_BAR_PICKED = {Language.PT_BR: "{name}: pedido no bar", Language.EN: "{name}: bar order"}
+_BAR_NO_SESSION = {
+    Language.PT_BR: "Nenhuma sessão aberta para este cartão",
+    Language.EN: "No open session for this card",
+}
 _CREDITS = {Language.PT_BR: " Créditos: {credits}", Language.EN: " Credits: {credits}"}
 
 
@@ -69,3 +74,8 @@ def message(decision: Decision, first_name: str | None, language: Language) -> s
     if decision.action is Action.CHECKOUT:
         return _GOODBYE[language].format(name=name)
     return denial_message(decision.reason, language)
+
+
+def bar_message(first_name: str | None, found: bool, language: Language) -> str:
+    """A tap at a bar reader: whose order the bar tablet now takes, or why nobody's."""
+    return _BAR_PICKED[language].format(name=first_name or "") if found else _BAR_NO_SESSION[language]

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import BRUNO, Premises, PremisesFactory
+from tests.conftest import ANA, BRUNO, EVA, Premises, PremisesFactory
 from tests.sandboxes import delivered, sandbox_overrides
 
 Shot = Callable[[Any, str], Awaitable[None]]
@@ -60,3 +60,37 @@ async def test_an_order_at_the_bar_shows_on_the_court_page_and_reaches_the_cloud
     assert sorted((e["data"]["item_id"], e["data"]["quantity"]) for e in cloud) == [("agua-500", 2), ("chopp", 1)]
     ziggy = [c for c in server.sandbox.log if c["kind"] == "call" and c["route"] == "ziggy.consumption.record"]
     assert len(ziggy) == 2
+
+
+async def test_a_card_on_the_bars_reader_picks_the_player_on_the_bar_page(
+    premises_factory: PremisesFactory, tmp_path: Path, page: Any, screenshot: Shot
+) -> None:
+    from playwright.async_api import expect
+
+    secrets = tmp_path / "api-secrets.toml"
+    secrets.write_text(f'api_tokens = {{ bar-1 = "{TOKENS["bar-1"]}" }}\n')
+    secrets.chmod(0o600)
+    premises: Premises = await premises_factory(
+        api={"clients": [{"name": "bar-1", "role": "bar"}]}, agent={"secrets_file": str(secrets)}, bar={"items": ITEMS}
+    )
+    async with premises.reader("r1") as court_reader:
+        await court_reader.tap(BRUNO)
+        await court_reader.tap(ANA)
+    await page.goto(f"http://127.0.0.1:{premises.agent.api_port}/tablet/bar?pos=bar-1&token={TOKENS['bar-1']}")
+    await expect(page.locator("#sessions li .name")).to_have_text(["Bruno", "Ana"], timeout=10_000)
+    await expect(page.locator("#link")).to_have_text("Conectado", timeout=10_000)
+    async with premises.reader("rb") as bar_reader:
+        assert (await bar_reader.tap(ANA)).payload["first_name"] == "Ana"
+        await expect(page.locator("#sessions li.picked .name")).to_have_text("Ana", timeout=5_000)
+        await expect(page.locator("#banner")).to_have_text("Ana: pedido no bar")
+        await screenshot(page, "bar-card-tap")
+        await bar_reader.tap(EVA)  # no session: said on the page, the pick stays
+        await expect(page.locator("#banner")).to_have_text("Nenhuma sessão aberta para este cartão")
+    await expect(page.locator("#sessions li.picked .name")).to_have_text("Ana")
+    await page.locator(".item[data-item='chopp']").click()
+    await page.locator("#confirm").click()
+    await expect(page.locator("#banner")).to_contain_text("Registrado", timeout=5_000)
+    assert await premises.rows(
+        "SELECT m.first_name FROM consumption c JOIN sessions s USING (session_id)"
+        " JOIN members m ON m.member_id = s.member_id"
+    ) == [("Ana",)]

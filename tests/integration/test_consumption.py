@@ -18,6 +18,24 @@ WATER = {"item_id": "agua-500", "name": "Água 500 ml", "quantity": 2, "unit_pri
 BEER = {"item_id": "chopp", "name": "Chopp", "quantity": 1, "unit_price": 12.9}
 
 
+async def test_a_tap_at_the_bar_reader_names_the_players_session_and_records_nothing(premises: Premises) -> None:
+    async with premises.reader("rb") as bar_reader, premises.reader("r1") as court_reader:
+        nobody = (await bar_reader.tap(ANA)).payload
+        assert (nobody["status"], nobody["reason"], nobody["pos"]) == ("denied", "no_open_session", "bar-1")
+        assert nobody["message"] == "Nenhuma sessão aberta para este cartão"
+        assert (await bar_reader.tap("DEADBEEF02")).payload["reason"] == "unknown_card"
+        session_id = (await court_reader.tap(ANA)).payload["session_id"]
+        before = await premises.rows("SELECT count(*) FROM events")
+        picked = (await bar_reader.tap(ANA)).payload
+    assert picked["status"] == "granted"
+    assert picked["color"] == "green"
+    assert (picked["session_id"], picked["first_name"], picked["court_id"]) == (session_id, "Ana", "c1")
+    assert picked["message"] == "Ana: pedido no bar"
+    assert picked["action"] == "none"  # no check-in, no checkout: the bar decides nothing
+    assert await premises.rows("SELECT count(*) FROM events") == before
+    assert await premises.rows("SELECT count(*) FROM sessions WHERE ended_at IS NULL") == [(1,)]
+
+
 async def test_an_order_by_card_is_charged_to_the_open_session(premises: Premises) -> None:
     async with premises.reader("r1") as reader, premises.tablet("desk") as bar:
         session_id = (await reader.tap(BRUNO)).payload["session_id"]

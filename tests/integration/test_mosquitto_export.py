@@ -54,7 +54,7 @@ def test_mosquitto_and_the_agent_read_each_others_password_hashes(tmp_path: Path
 
 def test_export_refuses_argon2_hashes_and_a_missing_agent_password(tmp_path: Path) -> None:
     config = site_config(tmp_path, 1883, scheme="argon2")
-    with pytest.raises(ConfigError, match=r"devices r1, r2, rx, b1, t1, desk, d1 have argon2 password hashes"):
+    with pytest.raises(ConfigError, match=r"devices r1, r2, rx, rb, b1, t1, desk, d1 have argon2 password hashes"):
         export_mosquitto(config, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written
     config = site_config(tmp_path, 1883)

@@ -104,12 +104,28 @@ def test_example_courts(example: Config) -> None:
         assert [(h.from_, h.to) for h in court.hours] == [(time(6), time(23)), (time(7), time(22))]
 
 
+def test_a_reader_stands_at_a_court_or_a_bar_never_both(tmp_path: Path) -> None:
+    bar = 'kind = "reader"\npos = "bar-1"\n'
+    for placed, expected in [
+        ('kind = "reader"\n', "exactly one of 'court'"),
+        ('kind = "reader"\npos = "bar-1"\ncourt = "c1"\n', "exactly one of 'court'"),
+        ('kind = "button"\npos = "bar-1"\n', "'pos' is for readers at a bar"),
+    ]:
+        with pytest.raises(ConfigError, match=expected):
+            load_config(write(tmp_path, edit(bar, placed)))
+    # an attached reader at the bar, too
+    attached = load_config(write(tmp_path, edit('court = "c3"\nname = "Leitor 125 kHz', 'pos = "bar-1"\nname = "L')))
+    assert attached.readers[0].pos == "bar-1"
+    assert attached.readers[0].as_device().pos == "bar-1"
+
+
 def test_example_devices(example: Config) -> None:
     kinds = {d.id: (d.kind, d.court) for d in example.devices}
     assert kinds == {
         "reader-c1": ("reader", "c1"),
         "reader-c2": ("reader", "c2"),
         "reader-c3": ("reader", "c3"),
+        "reader-bar": ("reader", None),
         "button-c1": ("button", "c1"),
         "button-c2": ("button", "c2"),
         "button-c3": ("button", "c3"),
@@ -118,6 +134,7 @@ def test_example_devices(example: Config) -> None:
         "display-lobby": ("display", None),
     }
     assert all(d.direction is Direction.IN for d in example.devices if d.kind == "reader")
+    assert [d.pos for d in example.devices if d.pos] == ["bar-1"]
     assert all(d.password_hash and d.password_hash.startswith("$argon2id$") for d in example.devices)
     assert len({d.password_hash for d in example.devices}) == len(example.devices)
     served = {d.id: d.served_courts for d in example.devices if d.kind in ("tablet", "display")}
@@ -246,8 +263,8 @@ def test_hours_accept_day_numbers_toml_times_and_2400(tmp_path: Path) -> None:
 def test_allow_anonymous_lets_devices_go_without_password(tmp_path: Path) -> None:
     text = edit("allow_anonymous = false", "allow_anonymous = true", edit(LOBBY_HASH_LINE, ""))
     config = load_text(tmp_path, text)
-    assert config.devices[-1].id == "display-lobby"
-    assert config.devices[-1].password_hash is None
+    lobby = next(d for d in config.devices if d.id == "display-lobby")
+    assert lobby.password_hash is None
 
 
 def test_disabled_destination_is_left_out(tmp_path: Path) -> None:
@@ -365,7 +382,7 @@ BROKEN = [
     pytest.param(
         'court = "c1"\ndirection = "in"\n',
         'direction = "in"\n',
-        ["devices[0]", "a reader needs 'court'"],
+        ["devices[0]", "a reader needs exactly one of 'court'"],
         "devices[0]",
         id="reader-without-court",
     ),

@@ -1,5 +1,14 @@
-// The bar tablet: pick the player (by their open session), tap items from the catalogue, confirm.
+// The bar tablet: pick the player (their open session, or a tap of their card on the bar's reader), tap items
+// from the catalogue, confirm.
 "use strict";
+
+// Which bar this tablet is (`?pos=bar-1` once, then kept): a tap on that bar's reader picks the player here.
+// Without one, a tap on any bar reader does (a club with one bar).
+const POS = (() => {
+  const given = new URLSearchParams(location.search).get("pos");
+  if (given) localStorage.setItem("club.pos", given);
+  return localStorage.getItem("club.pos");
+})();
 
 let sessions = [];
 let catalogue = [];
@@ -67,6 +76,16 @@ async function confirmOrder() {
   render();
 }
 
+// A card on the bar's reader: the agent answers with the holder's open session (or why there is none).
+async function cardAtTheBar(data) {
+  if (!data.pos || (POS && data.pos !== POS)) return; // a court's reader, or another bar's
+  show(data.message, data.status === "granted");
+  if (data.status !== "granted") return;
+  if (!sessions.some((s) => s.session_id === data.session_id)) await refreshSessions().catch(() => {});
+  picked = data.session_id;
+  render();
+}
+
 async function setup() {
   document.documentElement.lang = LANG;
   document.getElementById("title").textContent = T.bar;
@@ -87,7 +106,7 @@ async function setup() {
     show(`${T.error}: ${error.message}`, false);
   }
   // every court change (a check-in, a checkout) refreshes who can be charged
-  live({ court: () => { refreshSessions().catch(() => {}); } }, linkState);
+  live({ court: () => { refreshSessions().catch(() => {}); }, decision: cardAtTheBar }, linkState);
   render();
 }
 
