@@ -21,6 +21,7 @@ from aiohttp import web
 from .access import AccessService
 from .clock import Clock, SystemClock, TrustedClock, boot_id
 from .config import AGENT_USERNAME, Config
+from .domain.messages import Language
 from .errors import ConfigError, StoreError
 from .lan.auth import DeviceDirectory
 from .lan.broker import EmbeddedBroker
@@ -44,6 +45,7 @@ from .web.server import make_app
 
 log = get_logger("agent.app")
 SWEEP_INTERVAL_S = 30.0
+SHUTDOWN_TIMEOUT_S = 5.0  # requests still running when the agent stops get this long (pages are told to go first)
 _M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 _M_ARENA_MAX = -8
 
@@ -102,6 +104,7 @@ class Agent:
         self.service: AccessService | None = None
         self.dispatcher: Dispatcher | None = None
         self.outbox: Outbox | None = None
+        self._hub: LiveHub | None = None
         self.retention: Retention | None = None
         self.member_sync: MemberSync | None = None
         self.readers: AttachedReaders | None = None
@@ -198,6 +201,8 @@ class Agent:
             if member_sync is not None:
                 await member_sync.aclose()
             await dispatcher.announce_offline()
+            if self._hub is not None:
+                self._hub.close()
             if runner is not None:
                 await runner.cleanup()
             log.info("agent_stopped")
@@ -258,13 +263,13 @@ class Agent:
         )
         api = None
         if self.service is not None:
-            hub = LiveHub()
+            hub = self._hub = LiveHub()
             if self.dispatcher is not None:
                 devices = self.config.all_devices
                 hub.attach(
                     self.dispatcher,
                     courts=self.service.courts,
-                    readers=[(d.id, d.court) for d in devices if d.kind == "reader" and d.court],
+                    readers=[(d.id, d.court) for d in devices if d.kind == "reader"],  # at a bar: court None
                     devices=[d.id for d in devices],
                 )
             api = LocalApi(
@@ -277,9 +282,10 @@ class Agent:
                 on_courts_changed=self.dispatcher.court_changed if self.dispatcher is not None else lambda c: None,
                 hub=hub,
                 catalogue=self.config.bar.items,
+                language=Language(self.config.agent.language),
             )
         app = make_app(self.metrics, readiness, pull=pull, health=health, api=api)
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         site = web.TCPSite(runner, self.config.api.host, self.config.api.port)
         await site.start()

@@ -32,6 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 
 from ..access import AccessService, Outcome
 from ..config import ApiClient, CatalogueItem
+from ..domain.messages import Language, denial_message
+from ..domain.model import Reason
 from ..lan.payloads import MAX_ID, CardId, ConsumptionItem
 from ..lan.presence import Presence
 from ..logs import OnceLogger, get_logger
@@ -54,6 +56,9 @@ FREE_FAILURES = 3  # failed authentications from one address before answers slow
 MAX_PENALTY_S = 5.0
 FAILURE_MEMORY_S = 600.0
 MAX_ADDRESSES = 1024
+DENIED_SHOWN = 20  # refused taps listed on the front desk by default
+MAX_DENIED_SHOWN = 200
+REASONS = frozenset(r.value for r in Reason)
 
 M = TypeVar("M", bound=BaseModel)
 CLIENT = web.RequestKey("client", ApiClient)
@@ -136,7 +141,9 @@ class LocalApi:
         on_courts_changed: Callable[[str], None] = lambda court_id: None,
         hub: LiveHub | None = None,
         catalogue: Sequence[CatalogueItem] = (),
+        language: Language = Language.PT_BR,
     ) -> None:
+        self._language = language
         self._catalogue = [item.model_dump() for item in catalogue]
         self._hub = hub or LiveHub()
         self._db, self._service, self._presence = db, service, presence
@@ -165,6 +172,7 @@ class LocalApi:
             web.post("/api/v1/consumption/{line_id}/void", self.void),
             web.get("/api/v1/devices", self.devices),
             web.get("/api/v1/outbox", self.outbox),
+            web.get("/api/v1/decisions/denied", self.denied),
             web.get(LIVE_PATH, self.live),
             web.get("/api/v1/catalogue", self.catalogue),
         ]
@@ -447,13 +455,57 @@ class LocalApi:
             snapshot += [LiveEvent("device", None, s.to_json()) for s in self._presence.snapshot()]
         return await self._hub.stream(request, None if client.role != "court" else courts, devices, snapshot)
 
+    async def denied(self, request: web.Request) -> web.Response:
+        """The latest refused taps, newest first, with the reason and who it was (when the card is known)."""
+        if (refused := self._may(request, "devices")) is not None:
+            return refused
+        raw = request.query.get("limit", str(DENIED_SHOWN))
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_DENIED_SHOWN:
+            return error(422, "invalid_request", f"limit: a whole number from 1 to {MAX_DENIED_SHOWN}")
+        rows = await self._db.fetchall(
+            "SELECT e.seq, e.occurred_at, e.data, m.first_name FROM events e"
+            " LEFT JOIN members m ON m.member_id = json_extract(e.data, '$.member_id')"
+            " WHERE e.type = 'access.decided' AND json_extract(e.data, '$.result') = 'denied'"
+            " ORDER BY e.seq DESC LIMIT ?",
+            (int(raw),),
+        )
+        taps = []
+        for row in rows:
+            data = json.loads(row["data"])
+            card = data.get("card_id")
+            taps.append(
+                {
+                    "seq": row["seq"],
+                    "at": repo.iso(repo.from_ms(row["occurred_at"])),
+                    "device_id": data.get("device_id"),
+                    "court_id": data.get("court_id"),
+                    "reason": data.get("reason"),
+                    "message": denial_message(Reason(data["reason"]), self._language)
+                    if data.get("reason") in REASONS
+                    else data.get("reason"),
+                    "member_id": data.get("member_id"),
+                    "first_name": row["first_name"],
+                    # enough for the desk to match a card in hand; the log keeps the whole id
+                    "card_hint": f"…{card[-4:]}" if isinstance(card, str) and card else None,
+                }
+            )
+        return web.json_response({"denied": taps})
+
     async def outbox(self, request: web.Request) -> web.Response:
         if (refused := self._may(request, "outbox")) is not None:
             return refused
         names = sorted(set(self._destinations) | set(await status.known_destinations(self._db)))
         states = await status.destination_states(self._db, names)
+        members = await self._db.fetchone("SELECT version, synced_at, members FROM member_list WHERE id = 1")
         return web.json_response(
             {
+                "member_list": {
+                    "version": members["version"] if members else 0,
+                    "members": members["members"] if members else 0,
+                    "synced_at": repo.iso(repo.from_ms(members["synced_at"]))
+                    if members and members["synced_at"] is not None
+                    else None,
+                },
                 "destinations": [
                     {
                         "destination": s.destination,
@@ -469,6 +521,6 @@ class LocalApi:
                         "breaker": s.breaker,
                     }
                     for s in states
-                ]
+                ],
             }
         )

@@ -57,13 +57,18 @@ class LiveHub:
         self._subscribers: set[_Subscriber] = set()
 
     def attach(
-        self, source: _Listener, courts: Iterable[str], readers: Iterable[tuple[str, str]], devices: Iterable[str]
+        self,
+        source: _Listener,
+        courts: Iterable[str],
+        readers: Iterable[tuple[str, str | None]],
+        devices: Iterable[str],
     ) -> None:
-        """Listen on the court screens, the readers' answers ((reader id, court) pairs) and devices' presence."""
+        """Listen on the court screens, the readers' answers ((reader id, court) pairs; a bar's reader has no
+        court, and its answers carry `pos`) and devices' presence."""
         for court_id in courts:
             source.listen(topics.court_state(court_id), self._court(court_id))
-        for reader_id, court_id in readers:
-            source.listen(topics.reader_response(reader_id), self._decision(reader_id, court_id))
+        for reader_id, reader_court in readers:
+            source.listen(topics.reader_response(reader_id), self._decision(reader_id, reader_court))
         for device_id in devices:
             source.listen(topics.presence(device_id), self._device)
 
@@ -76,7 +81,7 @@ class LiveHub:
 
         return forward
 
-    def _decision(self, reader_id: str, court_id: str) -> Callable[[bytes], None]:
+    def _decision(self, reader_id: str, court_id: str | None) -> Callable[[bytes], None]:
         def forward(payload: bytes) -> None:
             if not self._subscribers:
                 return
@@ -100,6 +105,18 @@ class LiveHub:
                 with contextlib.suppress(asyncio.QueueFull):
                     subscriber.queue.get_nowait()
                     subscriber.queue.put_nowait(None)
+
+    def close(self) -> None:
+        """End every page's stream (the agent is stopping): each browser reconnects by itself to the next agent,
+        and the HTTP server's shutdown does not wait on streams that never end."""
+        for subscriber in list(self._subscribers):
+            self._subscribers.discard(subscriber)
+            while True:
+                try:
+                    subscriber.queue.put_nowait(None)
+                    break
+                except asyncio.QueueFull:
+                    subscriber.queue.get_nowait()
 
     @property
     def pages(self) -> int:

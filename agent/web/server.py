@@ -5,7 +5,7 @@
 | GET /healthz, /readyz, /metrics, /api/v1/health/integrations | anyone who reaches the port (no secrets in them) |
 | GET /api/v1/sync/changes, POST /api/v1/sync/ack | the club cloud only: Bearer cloud_pull_token (web/pull.py) |
 | the rest of /api/v1/: courts, sessions, check-in/out, consumption... | `[[api.clients]]` by role (web/api.py) |
-| GET /tablet/court?court=ID, /tablet/bar, /static/... | anyone: a page holds no data, it calls the API with its token |
+| GET /tablet/court?court=ID, /tablet/bar?pos=ID, /tablet/desk, /static/... | anyone: a page holds no data |
 """
 
 from __future__ import annotations
@@ -61,5 +61,6 @@ def make_app(
         static = Path(__file__).parent / "static"
         app.router.add_get("/tablet/court", _page(static / "court.html"))
         app.router.add_get("/tablet/bar", _page(static / "bar.html"))
+        app.router.add_get("/tablet/desk", _page(static / "desk.html"))
         app.router.add_static("/static/", static, append_version=False)
     return app

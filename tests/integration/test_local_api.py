@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import BRUNO, Premises, PremisesFactory
+from tests.conftest import BRUNO, CARLA, Premises, PremisesFactory
 
 TOKENS = {
     "court-c1": "tok-court-c1-0123456789",
@@ -105,6 +105,8 @@ async def test_every_role_boundary(api: Premises) -> None:
         ("bar", "GET", "/api/v1/outbox", None),
         ("court-c1", "GET", "/api/v1/devices", None),
         ("court-c1", "GET", "/api/v1/outbox", None),
+        ("court-c1", "GET", "/api/v1/decisions/denied", None),
+        ("bar", "GET", "/api/v1/decisions/denied", None),
     ]
     for who, method, path, body in refused:
         response = await call(api, who, method, path, json=body)
@@ -122,6 +124,30 @@ async def test_every_role_boundary(api: Premises) -> None:
     # no API token reads the cloud's pull feed
     for who in TOKENS:
         assert (await call(api, who, "GET", "/api/v1/sync/changes")).status_code in (401, 503)
+
+
+async def test_the_desk_lists_refused_taps_newest_first_with_reason_and_name(api: Premises) -> None:
+    async with api.reader("r1") as reader:
+        assert (await reader.tap("DEADBEEF00")).payload["reason"] == "unknown_card"
+        assert (await reader.tap(BRUNO)).payload["status"] == "granted"  # granted taps are not listed
+        assert (await reader.tap(CARLA)).payload["reason"] == "suspended"
+    listed = (await call(api, "desk", "GET", "/api/v1/decisions/denied")).json()["denied"]
+    assert [(t["reason"], t["first_name"], t["device_id"], t["court_id"]) for t in listed] == [
+        ("suspended", "Carla", "r1", "c1"),
+        ("unknown_card", None, "r1", "c1"),
+    ]
+    assert listed[0]["message"] == "Acesso negado: cadastro suspenso"
+    assert listed[1]["card_hint"] == "…EF00"
+    assert listed[0]["seq"] > listed[1]["seq"]
+    one = (await call(api, "desk", "GET", "/api/v1/decisions/denied?limit=1")).json()["denied"]
+    assert [t["seq"] for t in one] == [listed[0]["seq"]]
+    for bad in ("0", "201", "x", "-1"):
+        response = await call(api, "desk", "GET", f"/api/v1/decisions/denied?limit={bad}")
+        assert response.status_code == 422, bad
+    # the desk also sees when the member list last synced
+    member_list = (await call(api, "desk", "GET", "/api/v1/outbox")).json()["member_list"]
+    assert member_list["members"] >= 1
+    assert member_list["version"] >= 1
 
 
 async def test_without_a_valid_token_nothing_and_guessing_gets_slow(api: Premises) -> None:
@@ -183,7 +209,7 @@ async def test_the_contract_is_served_and_schemathesis_finds_no_server_error(api
     out, _ = await asyncio.wait_for(proc.communicate(), 150)
     text = out.decode(errors="replace")
     assert proc.returncode == 0, text[-4000:]
-    assert "Tested: 11" in text, text[-2000:]  # every operation of the contract was exercised
+    assert "Tested: 12" in text, text[-2000:]  # every operation of the contract was exercised
 
 
 def test_api_clients_are_checked(tmp_path: Path) -> None:
@@ -258,3 +284,32 @@ async def test_a_line_cannot_be_voided_after_the_grace_period(api: Premises) -> 
     )
     assert (late.status_code, late.json()["error"]) == (409, "void_too_late")
     assert await api.rows("SELECT voided_at FROM consumption") == [(None,)]
+
+
+async def test_live_streams_tell_the_desk_and_end_when_the_agent_stops(
+    premises_factory: PremisesFactory, tmp_path: Path
+) -> None:
+    secrets = tmp_path / "live-secrets.toml"
+    secrets.write_text(f'api_tokens = {{ desk = "{TOKENS["desk"]}" }}\n')
+    secrets.chmod(0o600)
+    premises: Premises = await premises_factory(
+        api={"clients": [{"name": "desk", "role": "desk"}]}, agent={"secrets_file": str(secrets)}
+    )
+    url = f"http://127.0.0.1:{premises.agent.api_port}/api/v1/live?access_token={TOKENS['desk']}"
+    async with httpx.AsyncClient(timeout=10) as http, http.stream("GET", url) as stream:
+        assert stream.headers["content-type"] == "text/event-stream"
+        seen = ""
+        chunks = stream.aiter_text()
+        while "event: device" not in seen:  # the current state first: courts, then every device
+            seen += await anext(chunks)
+        assert "event: court" in seen
+        async with premises.reader("r1") as reader:
+            await reader.tap(CARLA)
+        while '"reason":"suspended"' not in seen:
+            seen += await anext(chunks)
+        assert "event: decision" in seen
+        started = time.monotonic()
+        await premises_factory(restart=premises)  # stops this agent: the stream must end, not hold the stop
+        async for _ in chunks:
+            pass
+    assert time.monotonic() - started < 4  # far from aiohttp's 60 s default wait for handlers

@@ -10,6 +10,12 @@ const TEXTS = {
     error: "Erro", language: "English",
     bar: "Bar", items: "Itens", total: "Total", confirm: "Confirmar", recorded: "Registrado",
     sessionTotal: "total da sessão", nobodyPlaying: "Ninguém em quadra",
+    desk: "Recepção", courts: "Quadras", devices: "Dispositivos", sync: "Sincronização", denied: "Acessos negados",
+    noDenied: "Nenhum acesso negado", on: "online", off: "offline", pending: "pendentes", dead: "com erro",
+    lastSync: "última sincronização", breaker: "circuito", memberList: "Lista de sócios", members: "sócios",
+    synced: "sincronizada em",
+    deviceColumns: ["Dispositivo", "Tipo", "Quadra", "Estado", "Desde", "Bateria", "Versão"],
+    kinds: { reader: "leitor", button: "botão", tablet: "tablet", display: "tela" },
   },
   en: {
     court: "Court", players: "Players", nobody: "Court free", highlights: "Highlights",
@@ -19,6 +25,12 @@ const TEXTS = {
     error: "Error", language: "Português",
     bar: "Bar", items: "Items", total: "Total", confirm: "Confirm", recorded: "Recorded",
     sessionTotal: "session total", nobodyPlaying: "Nobody on court",
+    desk: "Front desk", courts: "Courts", devices: "Devices", sync: "Sync", denied: "Refused taps",
+    noDenied: "No refused taps", on: "online", off: "offline", pending: "pending", dead: "failed",
+    lastSync: "last sync", breaker: "breaker", memberList: "Member list", members: "members",
+    synced: "synced",
+    deviceColumns: ["Device", "Kind", "Court", "State", "Since", "Battery", "Version"],
+    kinds: { reader: "reader", button: "button", tablet: "tablet", display: "display" },
   },
 };
 
@@ -80,6 +92,12 @@ function elapsed(sinceIso, now) {
   const h = Math.floor(seconds / 3600), m = Math.floor((seconds % 3600) / 60), s = seconds % 60;
   const two = (n) => String(n).padStart(2, "0");
   return h ? `${h}:${two(m)}:${two(s)}` : `${two(m)}:${two(s)}`;
+}
+
+// Every `.timer` on the page counts up from its data-since, on the agent's clock (skewMs: agent minus tablet).
+function tickTimers(skewMs) {
+  const now = Date.now() + skewMs;
+  for (const node of document.querySelectorAll(".timer")) node.textContent = elapsed(node.dataset.since, now);
 }
 
 function el(tag, attrs = {}, ...children) {

@@ -28,11 +28,6 @@ function credits(n) {
   return `${n} ${n === 1 ? T.credit : T.credits}`;
 }
 
-function tick() {
-  const now = Date.now() + skewMs;
-  for (const node of document.querySelectorAll(".timer")) node.textContent = elapsed(node.dataset.since, now);
-}
-
 async function checkin() {
   const input = document.getElementById("code");
   const code = input.value.trim();
@@ -77,7 +72,7 @@ function setup() {
     linkState,
   );
   render();
-  setInterval(tick, 1000);
+  setInterval(() => tickTimers(skewMs), 1000);
 }
 
 setup();
