@@ -13,9 +13,10 @@ errors as `{"error": code, "detail": text}`), and it can be told to fail as netw
     signing.py      X-Timestamp / X-Signature (HMAC-SHA256) on signed bodies
     members.py      the member delta feed: seeded members, cursors, tombstones
     events.py       the event inbox: per-event verdicts, permanent de-duplication
-    faults.py       the fault plan and its injection (status, timeout, reset, slow, garbage)
+    tus.py          clip uploads: tus 1.0.0 (creation, checksum, termination), hash-checked on completion
+    faults.py       the fault plan and its injection (status, timeout, reset, slow, garbage, cut)
     received.py     the oracle log of everything accepted or faulted
-    admin.py        /_sandbox/: received, faults, clock, members, reset, health
+    admin.py        /_sandbox/: received, faults, clock, members, clips, reset, health
     state.py        all of the above in one resettable object
     app.py          make_app(): routes and middlewares
     server.py       SandboxServer: the app on a TCP port, as an async context manager

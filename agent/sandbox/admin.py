@@ -1,5 +1,5 @@
-"""`/_sandbox/`: the oracle and the controls. Not part of any contract the agent uses, and unauthenticated,
-which is why the server listens on loopback unless told otherwise.
+"""`/_sandbox/`: the oracle (received calls and events, clips) and the controls. Not part of any contract the agent
+uses, and unauthenticated, which is why the server listens on loopback unless told otherwise.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from ..store.members import MemberRecord
 from .errors import ApiError
 from .faults import parse_plan
+from .tus import admin_listing
 from .wire import explain, json_response, money, query, read_json
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ def routes(sandbox: Sandbox) -> list[web.RouteDef]:
                 "members": len(sandbox.feed),
                 "sessions_active": len(sandbox.ziggy.active()),
                 "events_accepted": len(sandbox.inbox),
+                "clips_complete": len(sandbox.clips.complete()),
                 "received": len(sandbox.log),
                 "fault_rules": len(sandbox.faults),
                 "tokens_live": sandbox.tokens.live(now),
@@ -81,6 +83,10 @@ def routes(sandbox: Sandbox) -> list[web.RouteDef]:
             raise ApiError(400, "invalid_query", "after is an entry number (n) >= 0")
         entries = sandbox.log.select(kind=kind, after=int(after), route=params.get("route"))
         return json_response({"entries": entries, "count": len(entries), "total": len(sandbox.log)})
+
+    async def clips(request: web.Request) -> web.Response:
+        params = query(request, frozenset({"status", "highlight_id"}))
+        return admin_listing(sandbox.clips, params.get("status"), params.get("highlight_id"))
 
     async def get_faults(request: web.Request) -> web.Response:
         query(request, frozenset())
@@ -125,6 +131,7 @@ def routes(sandbox: Sandbox) -> list[web.RouteDef]:
     return [
         web.get("/_sandbox/health", health, name="sandbox.health", allow_head=False),
         web.get("/_sandbox/received", received, name="sandbox.received", allow_head=False),
+        web.get("/_sandbox/clips", clips, name="sandbox.clips", allow_head=False),
         web.get("/_sandbox/faults", get_faults, name="sandbox.faults.get", allow_head=False),
         web.put("/_sandbox/faults", put_faults, name="sandbox.faults.put"),
         web.post("/_sandbox/clock", clock, name="sandbox.clock"),

@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import admin, events, members, tokens, ziggy
+from . import admin, events, members, tokens, tus, ziggy
 from .clock import SandboxClock
 from .errors import ApiError
 from .faults import FAULTABLE_ROUTES, Handler, inject
@@ -90,6 +90,7 @@ def make_app(options: SandboxOptions | None = None, *, clock: SandboxClock | Non
         web.post("/realms/{realm}/protocol/openid-connect/token", token, name="token"),
         *members.routes(sandbox),
         *events.routes(sandbox),
+        *tus.routes(sandbox),
         *admin.routes(sandbox),
     ]
     app.add_routes(route_defs)

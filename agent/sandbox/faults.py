@@ -1,15 +1,19 @@
 """The fault plan: rules that make named routes fail the ways real networks and vendors do.
 
-A rule is `{"endpoint": glob, "kind": ..., "rate": p | "count": n, "retry_after_s"?, "delay_s"?}`. For each
-request the first rule that matches its route name and fires decides its fate; `count` rules fire on the next n
-matching calls, `rate` rules with probability p from one seeded RNG, so a run with the same seed and the same
-request sequence fails the same way.
+A rule is `{"endpoint": glob, "kind": ..., "rate": p | "count": n, "retry_after_s"?, "delay_s"?, "after_bytes"?}`.
+For each request the first rule that matches its route name and fires decides its fate; `count` rules fire on the
+next n matching calls, `rate` rules with probability p from one seeded RNG, so a run with the same seed and the
+same request sequence fails the same way.
 
 Kinds, and whether the request acts (changes sandbox state) before the failure:
 
     500 503 429 401   answer that status with a JSON error; does not act (429/503 carry Retry-After)
     timeout           hold the request delay_s without answering, then drop it; does not act
     reset             close the TCP connection with a RST, no response; does not act
+    cut               let `after_bytes` bytes of the request body through, then RST: a link lost mid-upload.
+                      A clip PATCH keeps what arrived (tus core) unless it carries Upload-Checksum, whose
+                      partial chunk is discarded. When the body is no longer than after_bytes, the request acts
+                      and its answer is lost
     slow              acts, then trickles the real response body over delay_s
     garbage           acts, then answers 200 with a truncated (malformed) JSON body
 
@@ -49,7 +53,16 @@ FAULTABLE_ROUTES = (
     "token",
     "cloud.members",
     "cloud.events",
+    "cloud.clips.options",
+    "cloud.clips.create",
+    "cloud.clips.head",
+    "cloud.clips.patch",
+    "cloud.clips.delete",
 )
+# Routes that read their body as a stream and apply a cut themselves (at the byte), keeping what arrived.
+STREAMING_ROUTES = ("cloud.clips.patch",)
+# Set on a request a cut rule fired for: the body bytes let through before the connection drops.
+CUT_AFTER = web.RequestKey("sandbox.cut_after", int)
 STATUS_KINDS = ("500", "503", "429", "401")
 ACTING_KINDS = ("slow", "garbage")
 DEFAULT_DELAY_S = {"timeout": 30.0, "slow": 5.0}
@@ -57,7 +70,7 @@ DEFAULT_RETRY_AFTER_S = 1.0
 SLOW_PIECES = 20
 _STATUS_CODES = {"500": "internal_error", "503": "unavailable", "429": "rate_limited", "401": "unauthorized"}
 
-FaultKind = Literal["500", "503", "429", "401", "timeout", "reset", "slow", "garbage"]
+FaultKind = Literal["500", "503", "429", "401", "timeout", "reset", "cut", "slow", "garbage"]
 
 
 def _kind(value: Any) -> Any:
@@ -74,6 +87,7 @@ class FaultRule(BaseModel):
     count: int | None = Field(default=None, ge=1)
     retry_after_s: float | None = Field(default=None, ge=0, le=86_400)
     delay_s: float | None = Field(default=None, gt=0, le=3600)
+    after_bytes: int | None = Field(default=None, ge=0, le=1 << 40)
 
     @model_validator(mode="after")
     def _coherent(self) -> FaultRule:
@@ -83,6 +97,8 @@ class FaultRule(BaseModel):
             raise ValueError("retry_after_s applies to kinds 429 and 503 only")
         if self.delay_s is not None and self.kind not in ("timeout", "slow"):
             raise ValueError("delay_s applies to kinds timeout and slow only")
+        if (self.after_bytes is not None) != (self.kind == "cut"):
+            raise ValueError("after_bytes (body bytes let through before the cut) is given with kind cut, and only")
         if not any(fnmatch.fnmatchcase(route, self.endpoint) for route in FAULTABLE_ROUTES):
             raise ValueError(f"endpoint '{self.endpoint}' matches no route (routes: {', '.join(FAULTABLE_ROUTES)})")
         return self
@@ -223,6 +239,8 @@ async def inject(
         record(False, None)
         abort(request)
         return web.Response(status=500)  # never sent: the connection is gone
+    if rule.kind == "cut":
+        return await _cut(rule, request, handler, record)
     if rule.kind == "timeout":
         record(False, None)
         await asyncio.sleep(rule.delay)
@@ -235,6 +253,32 @@ async def inject(
         # Half of a JSON document never parses: '{"a":1}' -> '{"a', '[]' -> '['.
         return web.Response(status=200, body=body[: max(1, len(body) // 2)], content_type="application/json")
     return await _trickle(request, response, body, rule.delay)
+
+
+async def _cut(rule: FaultRule, request: web.Request, handler: Handler, record: Record) -> web.StreamResponse:
+    limit = rule.after_bytes or 0
+    route = request.match_info.route.name or ""
+    if route in STREAMING_ROUTES:
+        request[CUT_AFTER] = limit
+        record(False, None)  # the handler records what it kept
+        await handler(request)
+        abort(request)  # a handler that never reached the limit (a short body, an early error) loses its answer
+        return web.Response(status=500)
+    length = request.content_length
+    if length is not None and length <= limit:
+        response = await handler(request)  # the whole body arrived: the request acts, its answer is lost
+        record(True, response.status)
+    else:
+        record(False, None)
+        seen = 0
+        with contextlib.suppress(ConnectionError):
+            while seen < limit:
+                piece = await request.content.read(min(limit - seen, 64 * 1024))
+                if not piece:
+                    break
+                seen += len(piece)
+    abort(request)
+    return web.Response(status=500)
 
 
 async def _trickle(request: web.Request, response: web.StreamResponse, body: bytes, delay: float) -> web.StreamResponse:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .faults import FaultRule
 
@@ -21,6 +22,8 @@ DEFAULT_IDEMPOTENCY_TTL_S = 86_400.0  # Ziggy forgets keys after a day (DESIGN 2
 SIGNATURE_WINDOW_S = 300.0
 MAX_EVENTS_PER_BATCH = 500
 MAX_MEMBERS = 1_000_000
+# A 30 s highlight at 720p and 2 Mbit/s is about 7.5 MB (DESIGN 5); the cap leaves room for longer or sharper clips.
+DEFAULT_CLIP_MAX_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +43,9 @@ class SandboxOptions:
     ziggy_client_id: str = "club-001-edge"
     # Ziggy knows its courts by name; any other court id is accepted and named after its id.
     courts: Mapping[str, str] = field(default_factory=dict)
+    # Where received clips are written (one folder per reset); None: a temporary folder removed with the sandbox.
+    clips_dir: Path | None = None
+    clip_max_bytes: int = DEFAULT_CLIP_MAX_BYTES
 
     def __post_init__(self) -> None:
         if not 0 <= self.members <= MAX_MEMBERS:
@@ -47,6 +53,8 @@ class SandboxOptions:
         for name in ("token_ttl_s", "idempotency_ttl_s", "signature_window_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.clip_max_bytes <= 0:
+            raise ValueError("clip_max_bytes must be positive")
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from .members import Entry, MemberFeed, seeded_members
 from .options import MAX_EVENTS_PER_BATCH, SandboxOptions
 from .received import ReceivedLog
 from .tokens import TokenIssuer
+from .tus import ClipStore
 from .ziggy import Ziggy
 
 # Per-request notes: the fault drawn for it, and its entry in the received log (one per call).
@@ -33,10 +34,12 @@ class Sandbox:
         self.listeners: list[Callable[[dict[str, Any]], None]] = []  # told of each received-log entry once complete
         # Generated once: a reset of a 100,000-member sandbox copies this instead of generating again.
         self._seeded: list[tuple[str, Entry]] = seeded_members(options.members, options.seed)
+        self.clips = ClipStore(options.clips_dir, options.clip_max_bytes)
         self.reset()
 
     def reset(self) -> None:
-        """Back to the state at start: seeded members (new cursor epoch), no sessions, no tokens, start faults."""
+        """Back to the state at start: seeded members (new cursor epoch), no sessions, no tokens, no clips, start
+        faults."""
         options = self.options
         self.clock.reset()
         self.log = ReceivedLog()
@@ -46,6 +49,8 @@ class Sandbox:
         self.ziggy = Ziggy(dict(options.courts))
         self.feed = MemberFeed(self._seeded)
         self.inbox = EventInbox(MAX_EVENTS_PER_BATCH)
+        self.clips.close()  # a few clip files of a test or a demo: removed inline, the reset answers after
+        self.clips = ClipStore(options.clips_dir, options.clip_max_bytes)
 
     def _notify(self, entry: dict[str, Any]) -> None:
         for listener in self.listeners:
