@@ -187,7 +187,8 @@ def sandbox(
                 f"# secrets.toml (chmod 600)\n{settings.secrets_toml()}\n"
                 f"realm {settings.realm}; signing: X-Timestamp + X-Signature = hex(HMAC-SHA256(cloud_signing_secret, "
                 f'"{{timestamp}}.{{body}}"))\n'
-                f"oracle and controls: {base}/_sandbox/health, received, faults (GET/PUT), clock, members, clips, reset\n"
+                f"oracle and controls: {base}/_sandbox/health, received, faults (GET/PUT), clock, members, clips,"
+                " reset\n"
                 f"contracts: {base}/_sandbox/contracts/cloud.openapi.yaml, ziggy.openapi.yaml\n",
                 markup=False,
                 highlight=False,
