@@ -673,6 +673,41 @@ def outbox_audit(
     out.print(table)
 
 
+provision_app = typer.Typer(no_args_is_help=True, help="Setting a box up: claim it for its club.")
+app.add_typer(provision_app, name="provision")
+
+
+@provision_app.command("claim")
+def provision_claim(
+    token: Annotated[str, typer.Option("--token", help="The one-time claim token from the club's cloud account.")],
+    config: ConfigOpt = DEFAULT_CONFIG_PATH,
+    cloud_url: Annotated[
+        str | None, typer.Option(help="The club cloud's address, if the config does not have it yet.")
+    ] = None,
+) -> None:
+    """Trade a claim token for this box's credentials: secrets into the secrets file (0600), ids and courts
+    into the config. Exit 2 when the cloud refuses the token (used, expired, unknown), 1 when it cannot be asked."""
+    from .provision import ClaimRefused, claim
+
+    try:
+        claimed = run_async(claim(config, token, cloud_url=cloud_url, version=__version__))
+    except ClaimRefused as exc:
+        err.print(Text.assemble(("claim refused", "red"), f": {exc}"), highlight=False)
+        raise typer.Exit(2) from None
+    except FileNotFoundError as exc:
+        err.print(Text.assemble(("error", "red"), f": {exc.filename} does not exist"), highlight=False)
+        raise typer.Exit(1) from None
+    except AgentError as exc:
+        err.print(Text.assemble(("error", "red"), f": {exc}"), highlight=False)
+        raise typer.Exit(1) from None
+    courts = ", ".join(f"{court_id} ({name})" for court_id, name in claimed.courts) or "none listed"
+    out.print(
+        f"claimed: club {claimed.club_id}, agent {claimed.agent_id} ({claimed.site_name}); courts: {courts}\n"
+        f"config: {claimed.config_path}\nsecrets: {claimed.secrets_path} (mode 0600)",
+        highlight=False,
+    )
+
+
 def main() -> None:
     """Entry point: typer handles usage errors (exit 2); our errors become one line."""
     try:

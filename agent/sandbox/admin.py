@@ -11,6 +11,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from ..store.members import MemberRecord
+from .claim import CLAIM_TTL_S
 from .errors import ApiError
 from .faults import parse_plan
 from .tus import admin_listing
@@ -116,6 +117,19 @@ def routes(sandbox: Sandbox) -> list[web.RouteDef]:
     async def members(request: web.Request) -> web.Response:
         return json_response(_members_change(sandbox, await read_json(request, cap=BODY_CAP)))
 
+    async def claim_token(request: web.Request) -> web.Response:
+        body = await read_json(request, cap=4096)
+        try:
+            if not isinstance(body, dict) or not set(body) <= {"ttl_s"}:
+                raise ValueError("keys")
+            ttl = float(money(body.get("ttl_s", CLAIM_TTL_S)))
+        except ValueError as exc:
+            raise ApiError(422, "invalid_body", 'expected {"ttl_s": seconds} or {}') from exc
+        if not 0 < ttl <= MAX_ADVANCE_S:
+            raise ApiError(422, "invalid_body", f"ttl_s must be 0..{MAX_ADVANCE_S}")
+        made = sandbox.claims.mint(sandbox.clock.now(), ttl)
+        return json_response({"claim_token": made.token, "expires_at": sandbox.clock.iso(made.expires_at)})
+
     async def reset(request: web.Request) -> web.Response:
         query(request, frozenset())
         sandbox.reset()
@@ -137,5 +151,6 @@ def routes(sandbox: Sandbox) -> list[web.RouteDef]:
         web.post("/_sandbox/clock", clock, name="sandbox.clock"),
         web.post("/_sandbox/members", members, name="sandbox.members"),
         web.post("/_sandbox/reset", reset, name="sandbox.reset"),
+        web.post("/_sandbox/claim-tokens", claim_token, name="sandbox.claim_tokens"),
         web.get("/_sandbox/contracts/{name}", contract, name="sandbox.contracts", allow_head=False),
     ]

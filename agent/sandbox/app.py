@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import admin, events, members, tokens, tus, ziggy
+from . import admin, claim, events, members, tokens, tus, ziggy
 from .clock import SandboxClock
 from .errors import ApiError
 from .faults import FAULTABLE_ROUTES, Handler, inject
@@ -91,6 +91,7 @@ def make_app(options: SandboxOptions | None = None, *, clock: SandboxClock | Non
         *members.routes(sandbox),
         *events.routes(sandbox),
         *tus.routes(sandbox),
+        *claim.routes(sandbox),
         *admin.routes(sandbox),
     ]
     app.add_routes(route_defs)

@@ -58,6 +58,7 @@ FAULTABLE_ROUTES = (
     "cloud.clips.head",
     "cloud.clips.patch",
     "cloud.clips.delete",
+    "cloud.claim",
 )
 # Routes that read their body as a stream and apply a cut themselves (at the byte), keeping what arrived.
 STREAMING_ROUTES = ("cloud.clips.patch",)

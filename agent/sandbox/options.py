@@ -46,6 +46,10 @@ class SandboxOptions:
     # Where received clips are written (one folder per reset); None: a temporary folder removed with the sandbox.
     clips_dir: Path | None = None
     clip_max_bytes: int = DEFAULT_CLIP_MAX_BYTES
+    # Device claim (POST /edge/claim): the one-time tokens valid at start, and what a claim hands out.
+    claim_tokens: tuple[str, ...] = ("sandbox-claim-0001", "sandbox-claim-0002")
+    club_id: str = "club-001"
+    site_name: str = "Arena Sandbox"
 
     def __post_init__(self) -> None:
         if not 0 <= self.members <= MAX_MEMBERS:

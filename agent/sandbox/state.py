@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .claim import Claims
 from .clock import SandboxClock
 from .events import Event, EventInbox
 from .faults import FaultPlan
@@ -49,6 +50,7 @@ class Sandbox:
         self.ziggy = Ziggy(dict(options.courts))
         self.feed = MemberFeed(self._seeded)
         self.inbox = EventInbox(MAX_EVENTS_PER_BATCH)
+        self.claims = Claims(options.claim_tokens, self.clock.now())
         self.clips.close()  # a few clip files of a test or a demo: removed inline, the reset answers after
         self.clips = ClipStore(options.clips_dir, options.clip_max_bytes)
 

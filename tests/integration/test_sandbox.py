@@ -1106,5 +1106,12 @@ async def test_a_client_following_the_contracts_gets_conforming_answers(
     unfinished = await http.post("/edge/clips/", headers={**create, "Upload-Metadata": another})
     await http.delete(unfinished.headers["Location"], headers=tus)
 
+    claim = {"claim_token": "sandbox-claim-0001", "agent_id": "edge-01", "hostname": "pi"}
+    CONTRACTS.check_request("POST", "/edge/claim", claim)
+    claimed = (await http.post("/edge/claim", json=claim)).json()
+    assert claimed["cloud"]["client_secret"] == s.cloud_client_secret
+    for refused in ({"claim_token": "sandbox-claim-0001"}, {"claim_token": "never-issued"}, {"token": "x"}):
+        await http.post("/edge/claim", json=refused)  # 409, 401, 422: each checked against the contract
+
     succeeded = {(path, method) for path, method, status in CONTRACTS.validated if status < 300}
     assert succeeded == CONTRACTS.operations()
