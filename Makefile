@@ -21,12 +21,17 @@ system-deps:
 # The tests run the agent against Debian's mosquitto too (started by the tests on loopback ports), make
 # TLS certificates with openssl, and drive the tablet pages in Debian's Chromium (headless). The mosquitto
 # service the package starts would hold port 1883, the embedded broker's port, so a mosquitto installed here
-# is disabled again.
+# is disabled again. The camera tests run ffmpeg against GStreamer's RTSP server (tests/cameras.py).
 test-deps:
 	@missing=""; \
 	[ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	[ -x /usr/bin/ffmpeg ] || missing="$$missing ffmpeg"; \
+	/usr/bin/python3 -c 'import gi; gi.require_version("GstRtspServer", "1.0")' 2>/dev/null \
+		|| missing="$$missing python3-gi gir1.2-gst-rtsp-server-1.0"; \
+	ls /usr/lib/*/gstreamer-1.0/libgstrtp.so >/dev/null 2>&1 || missing="$$missing gstreamer1.0-plugins-good"; \
+	ls /usr/lib/*/gstreamer-1.0/libgstmpegtsdemux.so >/dev/null 2>&1 || missing="$$missing gstreamer1.0-plugins-bad"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing"; \
 		$(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from .clock import Clock
 from .config import Config, DeviceConfig
@@ -32,6 +32,7 @@ from .store.db import Database
 from .store.repo import NewEvent, Stamp, iso, new_id
 
 log = get_logger("agent.access")
+T = TypeVar("T")
 MAX_PLAYERS_SHOWN = 16  # a court screen lists this many players; player_count has the total
 ANSWER_MEMORY = 4096  # recent (device, msg_id) answers kept in memory in front of the table
 ANSWER_RETENTION = timedelta(days=2)
@@ -84,6 +85,8 @@ class AccessService:
         self._policy: Policy = config.domain_policy()
         self.courts: Mapping[str, Court] = config.domain_courts()
         self._devices: dict[str, DeviceConfig] = {d.id: d for d in config.all_devices}
+        self._camera_courts = frozenset(c.court for c in config.cameras)  # their highlights become clips
+        self.on_clip_wanted: Callable[[], None] = lambda: None  # a highlight on a camera court was recorded
         self._destinations = config.destinations
         self._debounce_ns = int(config.policy.debounce_s * 1e9)
         self._default_max = timedelta(minutes=config.policy.session_max_minutes)
@@ -627,6 +630,7 @@ class AccessService:
                 start_at=start,
                 duration_ms=int(duration.total_seconds() * 1000),
                 kind=kind,
+                clip_state="pending" if court_id in self._camera_courts else "none",
             )
             created = NewEvent(
                 "highlight.created",
@@ -659,7 +663,44 @@ class AccessService:
         outcome = await self._exactly_once(button_id, msg_id, "highlight", body, unavailable)
         if not outcome.replayed:
             self._metrics.highlights.labels(str(outcome.response["status"])).inc()
+            if court_id in self._camera_courts and "highlight_id" in outcome.response:
+                self.on_clip_wanted()
         return outcome
+
+    async def clip_unavailable(self, highlight_id: str, state: str, reason: str, detail: str) -> bool:
+        """A highlight on a camera court gets no clip from us (`state` missed, failed or evicted; `reason`
+        no_footage, cut_failed, refused or evicted): recorded with the event that tells the cloud to cut its own.
+        False if the highlight had already left the state this would change."""
+
+        def body(conn: sqlite3.Connection, stamp: Stamp) -> bool:
+            row = conn.execute(
+                "SELECT court_id, session_id, clip_state FROM highlights WHERE highlight_id = ?", (highlight_id,)
+            ).fetchone()
+            if row is None or row["clip_state"] in ("none", "missed", "failed", "evicted"):
+                return False
+            conn.execute(
+                "UPDATE highlights SET clip_state = ?, clip_error = ?, clip_path = NULL WHERE highlight_id = ?",
+                (state, detail[:500], highlight_id),
+            )
+            event = NewEvent(
+                "highlight.clip_unavailable",
+                {
+                    "highlight_id": highlight_id,
+                    "court_id": row["court_id"],
+                    "session_id": row["session_id"],
+                    "reason": reason,
+                    "detail": detail[:500],
+                },
+                session_id=row["session_id"],
+            )
+            repo.append_events(conn, stamp, [event])
+            return True
+
+        return await self._db.write("recording a clip that will not come", self._stamped(body))
+
+    def _stamped(self, body: Callable[[sqlite3.Connection, Stamp], T]) -> Callable[[sqlite3.Connection], T]:
+        stamp = self._stamp()
+        return lambda conn: body(conn, stamp)
 
     # -- housekeeping ------------------------------------------------------------------------------------------
 

@@ -28,9 +28,11 @@ from .lan.broker import EmbeddedBroker
 from .lan.dispatcher import Dispatcher
 from .lan.presence import Presence
 from .logs import get_logger
+from .media.pipeline import ClipPipeline
 from .metrics import Metrics
 from .readers import AttachedReaders, DispatcherLink
 from .store.db import Database
+from .sync.clips import ClipUploader
 from .sync.cloud import CloudDestination
 from .sync.delivery import Destination
 from .sync.members import MemberSync
@@ -95,6 +97,8 @@ class Agent:
         self.clock = clock or (TrustedClock() if config.agent.trust_clock else SystemClock())
         self.metrics = Metrics()
         self.presence = Presence(config.all_devices)
+        for camera in config.cameras:
+            self.presence.add(camera.id, "camera", camera.court)
         self.ready = asyncio.Event()
         self.broker: EmbeddedBroker | None = None
         self.broker_port: int | None = None
@@ -108,6 +112,7 @@ class Agent:
         self.retention: Retention | None = None
         self.member_sync: MemberSync | None = None
         self.readers: AttachedReaders | None = None
+        self.clips: ClipPipeline | None = None
         # The agent's own account on the embedded broker: a fresh random password each start, never written.
         self._agent_password = secrets.token_urlsafe(24)
 
@@ -163,6 +168,13 @@ class Agent:
         self.readers = readers = (
             AttachedReaders(cfg.readers, DispatcherLink(dispatcher), cfg.secrets.osdp_keys) if cfg.readers else None
         )
+        uploader = self._clip_uploader()
+        if uploader is not None:
+            await uploader.__aenter__()
+        self.clips = clips = ClipPipeline(
+            db, cfg, self.clock, service, self.metrics, uploader=uploader, on_camera=self._camera_presence
+        )
+        service.on_clip_wanted = clips.pressed
         runner = await self._start_web(db)
         sync = cfg.sync
         outbox = Outbox(
@@ -197,7 +209,10 @@ class Agent:
                     tg.create_task(readers.run())
                 if member_sync is not None:
                     tg.create_task(member_sync.run_periodically())
+                tg.create_task(clips.run())
         finally:
+            if uploader is not None:
+                await uploader.aclose()
             if member_sync is not None:
                 await member_sync.aclose()
             await dispatcher.announce_offline()
@@ -216,7 +231,13 @@ class Agent:
             if secrets.ziggy_api_key is None:
                 log.error("destination_not_configured", destination="ziggy", missing="ziggy_api_key")
             else:
-                out.append(ZiggyDestination(cfg.ziggy, secrets.ziggy_api_key.get_secret_value(), db))
+                out.append(
+                    ZiggyDestination(
+                        cfg.ziggy,
+                        secrets.ziggy_api_key.get_secret_value(),
+                        db,
+                    )
+                )
         if "cloud" in cfg.destinations and cfg.cloud is not None:
             if secrets.cloud_client_secret is None or secrets.cloud_signing_secret is None:
                 log.error(
@@ -260,6 +281,7 @@ class Agent:
             lambda: self.outbox.statuses() if self.outbox is not None else {},
             self._now_ms,
             feed_configured=token is not None,
+            storage=self.clips.storage if self.clips is not None else lambda: None,
         )
         api = None
         if self.service is not None:
@@ -270,7 +292,7 @@ class Agent:
                     self.dispatcher,
                     courts=self.service.courts,
                     readers=[(d.id, d.court) for d in devices if d.kind == "reader"],  # at a bar: court None
-                    devices=[d.id for d in devices],
+                    devices=[d.id for d in devices] + [c.id for c in self.config.cameras],
                 )
             api = LocalApi(
                 db,
@@ -283,6 +305,7 @@ class Agent:
                 hub=hub,
                 catalogue=self.config.bar.items,
                 language=Language(self.config.agent.language),
+                storage=self.clips.storage if self.clips is not None else lambda: None,
             )
         app = make_app(self.metrics, readiness, pull=pull, health=health, api=api)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
@@ -293,6 +316,26 @@ class Agent:
         sockets = getattr(server, "sockets", None) or []
         self.api_port = int(sockets[0].getsockname()[1]) if sockets else self.config.api.port
         return runner
+
+    def _clip_uploader(self) -> ClipUploader | None:
+        """Clips go to the cloud when it is enabled with its client secret; else they wait (and the budget
+        still applies), reported like a destination without its secrets."""
+        cfg = self.config
+        if cfg.cloud is None or "cloud" not in cfg.destinations or cfg.secrets.cloud_client_secret is None:
+            if cfg.cameras:
+                log.error("clip_upload_not_configured", missing="[cloud] with cloud_client_secret")
+            return None
+        return ClipUploader(
+            cfg.cloud,
+            cfg.secrets.cloud_client_secret.get_secret_value(),
+        )
+
+    def _camera_presence(self, camera_id: str, online: bool, reason: str) -> None:
+        at = self.clock.wall()
+        if online:
+            self.presence.connected(camera_id, at)
+        else:
+            self.presence.disconnected(camera_id, reason[:80] or "stopped", at)
 
     def _now_ms(self) -> int:
         return int(self.clock.wall().timestamp() * 1000)

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from datetime import time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import argon2
@@ -198,6 +199,43 @@ class BarSection(_Model):
     items: list[CatalogueItem] = Field(default_factory=list)
 
 
+class CameraConfig(_Model):
+    """A court's IP camera (`[[cameras]]`): recorded continuously into the ring; a highlight on its court becomes
+    a clip cut from the ring. A court without one syncs the highlight marker alone."""
+
+    id: DeviceId
+    court: str
+    url: str = Field(pattern=r"^rtsps?://[^\s]+$", max_length=512)  # without a password: see camera_passwords
+    username: str | None = Field(default=None, max_length=128)  # its password is camera_passwords.<id>
+    name: str = ""
+
+
+class MediaSection(_Model):
+    """The ring recorder, the clips and the one storage budget (DESIGN 3 and 5)."""
+
+    # The ring of short segments: about 1 GB/hour at 2 Mbit/s, rewritten all day, so it belongs in RAM (tmpfs),
+    # never on the SD card. The unit gives /run/club-agent; a relative path is under data_dir.
+    ring_dir: Path = Path("/run/club-agent/ring")
+    segment_s: float = Field(default=1, ge=1, le=10)  # cameras need a GOP of this or shorter (see the example)
+    ring_keep_s: float = Field(default=90, ge=45, le=600)  # the clip's 10 s pre-roll and 20 s post-roll, and slack
+    clips_dir: Path = Path("clips")  # relative: under data_dir
+    reencode: bool = False  # frame-exact cuts (a few seconds of a core per clip); off: whole segments, no re-encode
+    # Clip uploads yield to sessions and consumption, and to the club's own Wi-Fi while the courts are open.
+    upload_kbps_open: int | None = Field(default=4000, ge=64)  # while any court is within its hours; None: no cap
+    upload_kbps_closed: int | None = Field(default=None, ge=64)
+    # One budget for the ring, the clips and the database: uploaded clips go first, then the oldest clips not yet
+    # uploaded (with a warning); records not yet synced never.
+    budget_mb: int = Field(default=8192, ge=64)
+    warn_pct: int = Field(default=80, ge=10, le=99)
+    critical_pct: int = Field(default=95, ge=10, le=100)
+
+    @model_validator(mode="after")
+    def _levels(self) -> MediaSection:
+        if self.critical_pct <= self.warn_pct:
+            raise KeyedError("media.critical_pct", "media.critical_pct must be above media.warn_pct")
+        return self
+
+
 class SyncSection(_Model):
     """The outbox's pace and the event log's retention (DESIGN 3)."""
 
@@ -370,6 +408,8 @@ class Secrets(_Model):
     cloud_pull_token: SecretStr | None = Field(default=None, min_length=16)
     # OSDP readers' secure channel keys by reader id: 32 hex digits each
     osdp_keys: dict[str, SecretStr] = Field(default_factory=dict)
+    # RTSP passwords by camera id (the camera's `username` in the config)
+    camera_passwords: dict[str, SecretStr] = Field(default_factory=dict)
 
     @field_validator("osdp_keys")
     @classmethod
@@ -393,6 +433,8 @@ class Config(_Model):
     cloud: CloudSection | None = None
     sync: SyncSection = SyncSection()
     bar: BarSection = BarSection()
+    cameras: list[CameraConfig] = Field(default_factory=list)
+    media: MediaSection = MediaSection()
     secrets: Secrets = Secrets()
 
     @model_validator(mode="after")
@@ -420,6 +462,19 @@ class Config(_Model):
                         f"api.clients[{i}].courts[{j}]",
                         f"api.clients[{i}].courts[{j}] = '{served}': not a configured court (courts: {sorted(known)})",
                     )
+        camera_courts: list[str] = []
+        for i, camera in enumerate(self.cameras):
+            taken = [*device_ids, *(r.id for r in self.readers), *(c.id for c in self.cameras[:i])]
+            if camera.id in taken:
+                raise KeyedError(f"cameras[{i}].id", f"cameras[{i}].id = '{camera.id}': ids must be unique")
+            if camera.court not in known:
+                raise KeyedError(
+                    f"cameras[{i}].court",
+                    f"cameras[{i}].court = '{camera.court}': not a configured court (courts: {sorted(known)})",
+                )
+            if camera.court in camera_courts:
+                raise KeyedError(f"cameras[{i}].court", f"cameras[{i}]: court '{camera.court}' already has a camera")
+            camera_courts.append(camera.court)
         places: set[str] = set()
         for i, reader in enumerate(self.readers):
             if reader.id in device_ids or reader.id in [r.id for r in self.readers[:i]]:
@@ -497,6 +552,24 @@ class Config(_Model):
     @property
     def db_path(self) -> Path:
         return self.agent.data_dir / "agent.db"
+
+    @property
+    def ring_path(self) -> Path:
+        return self.agent.data_dir / self.media.ring_dir  # an absolute ring_dir stays as it is
+
+    @property
+    def clips_path(self) -> Path:
+        return self.agent.data_dir / self.media.clips_dir
+
+    def camera_url(self, camera: CameraConfig) -> str:
+        """The camera's RTSP address with its credentials (from the secrets file) for ffmpeg."""
+        if camera.username is None:
+            return camera.url
+        password = self.secrets.camera_passwords.get(camera.id)
+        user = quote(camera.username, safe="")
+        userinfo = f"{user}:{quote(password.get_secret_value(), safe='')}" if password is not None else user
+        scheme, rest = camera.url.split("://", 1)
+        return f"{scheme}://{userinfo}@{rest}"
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:

@@ -23,6 +23,22 @@ class Metrics:
         )
         self.sessions = Counter("sessions_total", "Sessions opened and closed", ["change", "reason"], registry=r)
         self.highlights = Counter("highlights_total", "Highlight button presses", ["status"], registry=r)
+        self.clips = Counter(
+            "clips_total",
+            "Highlight clips by outcome (ready, uploaded, missed, refused, evicted, evicted_uploaded)",
+            ["result"],
+            registry=r,
+        )
+        self.press_to_clip_seconds = Histogram(
+            "press_to_clip_seconds",
+            "Highlight press to finished clip (the 20 s post-roll included)",
+            buckets=(20, 21, 22, 23, 25, 30, 45, 60, 120),
+            registry=r,
+        )
+        self.storage_bytes = Gauge(
+            "storage_bytes", "What the storage budget counts, by part (database, clips, ring)", ["part"], registry=r
+        )
+        self.storage_budget_bytes = Gauge("storage_budget_bytes", "The storage budget (media.budget_mb)", registry=r)
         self.clock_corrections = Counter(
             "clock_corrections_total", "Events re-stamped once the clock synced", registry=r
         )

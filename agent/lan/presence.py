@@ -61,6 +61,10 @@ class Presence:
         self._devices = {d.id: DeviceState(d.id, d.kind, d.court) for d in devices}
         self.on_change = on_change
 
+    def add(self, device_id: str, kind: str, court: str | None) -> None:
+        """A device the agent watches itself (a court camera): shown like the rest, online while it records."""
+        self._devices.setdefault(device_id, DeviceState(device_id, kind, court))
+
     def _changed(self, state: DeviceState) -> None:
         if self.on_change is not None:
             self.on_change(state)

@@ -33,6 +33,7 @@ EVENT_TYPES = frozenset(
         "consumption.recorded",
         "consumption.voided",
         "highlight.created",
+        "highlight.clip_unavailable",
         "clock.corrected",
     }
 )

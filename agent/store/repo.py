@@ -23,6 +23,8 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "consumption.recorded": ("ziggy", "cloud"),
     "consumption.voided": ("cloud",),  # Ziggy has no call to take a line back (a line voided in time is not sent)
     "highlight.created": ("cloud",),
+    # a court with a camera whose clip will not come (no footage, evicted, refused): the cloud cuts its own
+    "highlight.clip_unavailable": ("cloud",),
     "clock.corrected": ("cloud",),
 }
 
@@ -99,6 +101,22 @@ def append_events(conn: sqlite3.Connection, stamp: Stamp, events: Sequence[NewEv
         assert seq is not None
         out.append((seq, event_id))
     return out
+
+
+def destination_busy(conn: sqlite3.Connection, destination: str, now_ms: int) -> bool:
+    """Whether `destination` has events to deliver now (queued and due, or not queued yet): bulk work such as
+    clip uploads waits for them. Two index lookups, whatever the backlog."""
+    due = conn.execute(
+        "SELECT 1 FROM deliveries WHERE destination = ? AND state = 'pending' AND next_attempt_at <= ? LIMIT 1",
+        (destination, now_ms),
+    ).fetchone()
+    if due is not None:
+        return True
+    behind = conn.execute(
+        "SELECT upto < (SELECT COALESCE(MAX(seq), 0) FROM events) FROM delivery_cursors WHERE destination = ?",
+        (destination,),
+    ).fetchone()
+    return bool(behind and behind[0])
 
 
 def enable_destinations(conn: sqlite3.Connection, destinations: Iterable[str]) -> None:
@@ -435,11 +453,22 @@ def insert_highlight(
     start_at: datetime,
     duration_ms: int,
     kind: str,
+    clip_state: str = "none",
 ) -> None:
     conn.execute(
         "INSERT INTO highlights (highlight_id, court_id, session_id, button_id, pressed_at, start_at, duration_ms,"
-        " kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (highlight_id, court_id, session_id, button_id, to_ms(pressed_at), to_ms(start_at), duration_ms, kind),
+        " kind, clip_state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            highlight_id,
+            court_id,
+            session_id,
+            button_id,
+            to_ms(pressed_at),
+            to_ms(start_at),
+            duration_ms,
+            kind,
+            clip_state,
+        ),
     )
 
 

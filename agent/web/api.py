@@ -142,7 +142,9 @@ class LocalApi:
         hub: LiveHub | None = None,
         catalogue: Sequence[CatalogueItem] = (),
         language: Language = Language.PT_BR,
+        storage: Callable[[], dict[str, Any] | None] = lambda: None,
     ) -> None:
+        self._storage = storage
         self._language = language
         self._catalogue = [item.model_dump() for item in catalogue]
         self._hub = hub or LiveHub()
@@ -499,6 +501,7 @@ class LocalApi:
         members = await self._db.fetchone("SELECT version, synced_at, members FROM member_list WHERE id = 1")
         return web.json_response(
             {
+                "storage": self._storage(),
                 "member_list": {
                     "version": members["version"] if members else 0,
                     "members": members["members"] if members else 0,

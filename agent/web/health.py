@@ -46,7 +46,9 @@ class IntegrationHealth:
         now_ms: Callable[[], int],
         *,
         feed_configured: bool,
+        storage: Callable[[], dict[str, Any] | None] = lambda: None,
     ) -> None:
+        self._storage = storage
         self._db = db
         self._configured = tuple(configured)
         self._workers = workers
@@ -92,6 +94,7 @@ class IntegrationHealth:
             "status": overall.value,
             "checked_at": _iso(now),
             "integrations": out,
+            "storage": self._storage(),  # the one budget (media.budget_mb): level ok, warn, critical, over
             "pull_feed": {
                 "configured": self._feed_configured,
                 "acked_upto": feed_state.acked_upto,

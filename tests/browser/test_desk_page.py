@@ -56,6 +56,7 @@ async def test_the_desk_sees_courts_devices_refused_taps_and_the_outbox(
         await expect(page.locator("#sync tr[data-destination='cloud'] .pending")).not_to_have_text(
             "0 pendentes", timeout=10_000
         )
+        await expect(page.locator("#storage")).to_contain_text("Armazenamento: ", timeout=10_000)
         await screenshot(page, "desk-tablet-online")
     # the tablet leaves (its app closed, its Wi-Fi lost): the desk shows it at once
     await expect(tablet_row.locator(".badge")).to_have_text("offline", timeout=5_000)

@@ -19,11 +19,13 @@ from agent.config import (
     AgentSection,
     ApiSection,
     BrokerSection,
+    CameraConfig,
     CloudSection,
     Config,
     CourtConfig,
     DeviceConfig,
     HoursConfig,
+    MediaSection,
     PolicySection,
     Secrets,
     ZiggySection,
@@ -141,6 +143,21 @@ def test_example_devices(example: Config) -> None:
     assert served == {"tablet-c1": ["c1"], "tablet-desk": [], "display-lobby": []}
 
 
+def test_example_camera_and_its_password(example: Config, tmp_path: Path) -> None:
+    assert [(c.id, c.court) for c in example.cameras] == [("cam-c1", "c1")]
+    with_password = example.model_copy(update={"secrets": Secrets(camera_passwords={"cam-c1": SecretStr("p@ss/word")})})
+    assert with_password.camera_url(example.cameras[0]) == "rtsp://club:p%40ss%2Fword@192.168.10.31:554/stream1"
+    assert example.ring_path == Path("/run/club-agent/ring")  # absolute: not under the data dir
+    assert example.clips_path == example.agent.data_dir / "clips"
+    for old, new, expected in [
+        ('court = "c1"\nurl = "rtsp', 'court = "c9"\nurl = "rtsp', "cameras\\[0\\].court = 'c9'"),
+        ('url = "rtsp://192.168.10.31', 'url = "http://192.168.10.31', "cameras\\[0\\].url"),
+        ("critical_pct = 95", "critical_pct = 80", "media.critical_pct"),
+    ]:
+        with pytest.raises(ConfigError, match=expected):
+            load_config(write(tmp_path, edit(old, new)))
+
+
 def test_example_sync_destinations(example: Config) -> None:
     assert example.ziggy is not None
     assert example.ziggy.base_url == "https://ziggy.example/api/v1"
@@ -158,6 +175,8 @@ def _keys(model: type[BaseModel]) -> list[str]:
     [
         AgentSection,
         BrokerSection,
+        CameraConfig,
+        MediaSection,
         ApiSection,
         PolicySection,
         CourtConfig,

@@ -15,7 +15,8 @@ const TEXTS = {
     lastSync: "última sincronização", breaker: "circuito", memberList: "Lista de sócios", members: "sócios",
     synced: "sincronizada em",
     deviceColumns: ["Dispositivo", "Tipo", "Quadra", "Estado", "Desde", "Bateria", "Versão"],
-    kinds: { reader: "leitor", button: "botão", tablet: "tablet", display: "tela" },
+    kinds: { reader: "leitor", button: "botão", tablet: "tablet", display: "tela", camera: "câmera" },
+    storage: "Armazenamento", levels: { ok: "ok", warn: "atenção", critical: "crítico", over: "acima do limite" },
   },
   en: {
     court: "Court", players: "Players", nobody: "Court free", highlights: "Highlights",
@@ -30,7 +31,8 @@ const TEXTS = {
     lastSync: "last sync", breaker: "breaker", memberList: "Member list", members: "members",
     synced: "synced",
     deviceColumns: ["Device", "Kind", "Court", "State", "Since", "Battery", "Version"],
-    kinds: { reader: "reader", button: "button", tablet: "tablet", display: "display" },
+    kinds: { reader: "reader", button: "button", tablet: "tablet", display: "display", camera: "camera" },
+    storage: "Storage", levels: { ok: "ok", warn: "warning", critical: "critical", over: "over budget" },
   },
 };
 

@@ -54,6 +54,12 @@ async function refreshOutbox() {
   const m = data.member_list;
   document.getElementById("members").textContent =
     `${T.memberList}: v${m.version}, ${m.members} ${T.members}, ${T.synced} ${when(m.synced_at)}`;
+  const s = data.storage;
+  const storage = document.getElementById("storage");
+  storage.className = "storage " + (s ? s.level : "ok");
+  storage.textContent = s
+    ? `${T.storage}: ${s.used_pct}% (${Math.round(s.used_bytes / 1048576)} / ${Math.round(s.budget_bytes / 1048576)} MB) — ${T.levels[s.level]}`
+    : "";
 }
 
 async function refreshDenied() {
