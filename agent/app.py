@@ -28,14 +28,18 @@ from .lan.broker import EmbeddedBroker
 from .lan.dispatcher import Dispatcher
 from .lan.presence import Presence
 from .logs import get_logger
+from .loop import check_cancelled
 from .media.pipeline import ClipPipeline
 from .metrics import Metrics
+from .notify import Notifier
 from .readers import AttachedReaders, DispatcherLink
 from .store.db import Database
+from .sync import status
 from .sync.clips import ClipUploader
 from .sync.cloud import CloudDestination
 from .sync.delivery import Destination
 from .sync.members import MemberSync
+from .sync.metered import metered_client
 from .sync.outbox import Outbox
 from .sync.retention import Retention
 from .sync.ziggy import ZiggyDestination
@@ -47,7 +51,10 @@ from .web.server import make_app
 
 log = get_logger("agent.app")
 SWEEP_INTERVAL_S = 30.0
+WATCHDOG_PROBE_S = 5.0  # each liveness probe's limit (at most a quarter of WatchdogSec)
+OUTBOX_STALL_SLACK_S = 120.0  # beyond a worker's longest sleep (idle or breaker) plus one slow call
 SHUTDOWN_TIMEOUT_S = 5.0  # requests still running when the agent stops get this long (pages are told to go first)
+GAUGES_EVERY_S = 5.0  # store-backed gauges are re-read at most this often, however often /metrics is scraped
 _M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 _M_ARENA_MAX = -8
 
@@ -109,6 +116,8 @@ class Agent:
         self.dispatcher: Dispatcher | None = None
         self.outbox: Outbox | None = None
         self._hub: LiveHub | None = None
+        self.notifier = Notifier()
+        self._gauges_at = float("-inf")
         self.retention: Retention | None = None
         self.member_sync: MemberSync | None = None
         self.readers: AttachedReaders | None = None
@@ -205,6 +214,7 @@ class Agent:
                 tg.create_task(retention.run())
                 tg.create_task(self._sweeper(service, dispatcher))
                 tg.create_task(self._announce_ready(dispatcher))
+                tg.create_task(self._watchdog(db, dispatcher, outbox))
                 if readers is not None:
                     tg.create_task(readers.run())
                 if member_sync is not None:
@@ -216,10 +226,12 @@ class Agent:
             if member_sync is not None:
                 await member_sync.aclose()
             await dispatcher.announce_offline()
+            self.notifier.send("STOPPING=1")
             if self._hub is not None:
                 self._hub.close()
             if runner is not None:
                 await runner.cleanup()
+            self.notifier.close()
             log.info("agent_stopped")
 
     def _destinations(self, db: Database) -> list[Destination]:
@@ -236,6 +248,7 @@ class Agent:
                         cfg.ziggy,
                         secrets.ziggy_api_key.get_secret_value(),
                         db,
+                        client=metered_client(self.metrics, "ziggy", cfg.ziggy.base_url),
                     )
                 )
         if "cloud" in cfg.destinations and cfg.cloud is not None:
@@ -252,6 +265,7 @@ class Agent:
                         secrets.cloud_client_secret.get_secret_value(),
                         secrets.cloud_signing_secret.get_secret_value(),
                         cfg.agent.agent_id,
+                        client=metered_client(self.metrics, "cloud", cfg.cloud.base_url),
                     )
                 )
         return out
@@ -307,7 +321,7 @@ class Agent:
                 language=Language(self.config.agent.language),
                 storage=self.clips.storage if self.clips is not None else lambda: None,
             )
-        app = make_app(self.metrics, readiness, pull=pull, health=health, api=api)
+        app = make_app(self.metrics, readiness, pull=pull, health=health, api=api, refresh=self.refresh_gauges)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         site = web.TCPSite(runner, self.config.api.host, self.config.api.port)
@@ -316,6 +330,85 @@ class Agent:
         sockets = getattr(server, "sockets", None) or []
         self.api_port = int(sockets[0].getsockname()[1]) if sockets else self.config.api.port
         return runner
+
+    async def _watchdog(self, db: Database, dispatcher: Dispatcher, outbox: Outbox) -> None:
+        """WATCHDOG=1 every half WatchdogSec, only while the decision path, the broker and the outbox work."""
+        interval = self.notifier.watchdog_s
+        if interval is None:
+            return
+        period = interval / 2
+        within = min(WATCHDOG_PROBE_S, period / 2)
+        await self.ready.wait()
+        withheld = False
+        while True:
+            check_cancelled()
+            problems = await self._liveness(db, dispatcher, outbox, within)
+            if problems:
+                withheld = True
+                log.error("watchdog_withheld", problems=problems, restart_within_s=interval)
+                self.notifier.send(f"STATUS=unhealthy: {'; '.join(problems)}")
+            else:
+                if withheld:
+                    log.info("watchdog_resumed")
+                    self.notifier.send("STATUS=ready")
+                    withheld = False
+                self.notifier.send("WATCHDOG=1")
+            await asyncio.sleep(period)
+
+    async def _liveness(self, db: Database, dispatcher: Dispatcher, outbox: Outbox, within: float) -> list[str]:
+        async def store() -> str | None:
+            try:
+                async with asyncio.timeout(within):
+                    await db.write_quietly("watchdog probe", lambda conn: None)
+            except (TimeoutError, StoreError) as exc:
+                return f"store writer: {type(exc).__name__} {exc}".strip()
+            return None
+
+        async def decisions() -> str | None:
+            return None if await dispatcher.probe(within) else f"decision worker did not answer within {within} s"
+
+        async def broker() -> str | None:
+            if self.broker is None or self.broker_port is None:
+                return None  # the site's mosquitto: not ours to watch
+            try:
+                async with asyncio.timeout(within):
+                    _, writer = await asyncio.open_connection("127.0.0.1", self.broker_port)
+                writer.close()
+                await writer.wait_closed()
+            except (TimeoutError, OSError) as exc:
+                return f"broker does not accept connections: {type(exc).__name__}"
+            return None
+
+        results = await asyncio.gather(store(), decisions(), broker())
+        problems = [r for r in results if r is not None]
+        problems += [f"outbox worker '{name}' stalled" for name in outbox.stalled(OUTBOX_STALL_SLACK_S)]
+        return problems
+
+    async def refresh_gauges(self) -> None:
+        """The gauges that live in the store or in presence, sampled (at most every GAUGES_EVERY_S)."""
+        now = asyncio.get_running_loop().time()
+        if self.db is None or now - self._gauges_at < GAUGES_EVERY_S:
+            return
+        self._gauges_at = now
+        db, m = self.db, self.metrics
+        names = sorted(set(self.config.destinations) | set(await status.known_destinations(db)))
+        now_ms = self._now_ms()
+        for state in await status.destination_states(db, names):
+            m.outbox_pending.labels(state.destination).set(state.pending)
+            m.outbox_dead.labels(state.destination).set(state.dead)
+            oldest = state.oldest_pending_ms
+            m.outbox_oldest_age.labels(state.destination).set(0 if oldest is None else (now_ms - oldest) / 1000)
+        online: dict[str, int] = {}
+        known: dict[str, int] = {}
+        for device in self.presence.snapshot():
+            known[device.kind] = known.get(device.kind, 0) + 1
+            online[device.kind] = online.get(device.kind, 0) + int(device.online)
+        for kind, count in known.items():
+            m.devices_known.labels(kind).set(count)
+            m.devices_online.labels(kind).set(online[kind])
+        row = await db.fetchone("SELECT synced_at FROM member_list WHERE id = 1")
+        if row is not None and row[0] is not None:
+            m.member_list_age.set(max(0.0, (now_ms - int(row[0])) / 1000))
 
     def _clip_uploader(self) -> ClipUploader | None:
         """Clips go to the cloud when it is enabled with its client secret; else they wait (and the budget
@@ -328,6 +421,7 @@ class Agent:
         return ClipUploader(
             cfg.cloud,
             cfg.secrets.cloud_client_secret.get_secret_value(),
+            client=metered_client(self.metrics, "cloud", cfg.cloud.base_url),
         )
 
     def _camera_presence(self, camera_id: str, online: bool, reason: str) -> None:
@@ -343,6 +437,7 @@ class Agent:
     async def _announce_ready(self, dispatcher: Dispatcher) -> None:
         await dispatcher.connected.wait()
         self.ready.set()
+        self.notifier.send("READY=1", f"STATUS=ready: {len(self.service.courts) if self.service else 0} courts")
         log.info(
             "agent_ready",
             broker=self.config.broker.mode,

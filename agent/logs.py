@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sys
 from collections import OrderedDict
 from collections.abc import MutableMapping
@@ -46,7 +47,8 @@ def redact(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> Mu
 def configure(*, json: bool | None = None, level: str = "info") -> None:
     """Configure structlog and route the stdlib loggers of our libraries through it."""
     if json is None:
-        json = not sys.stderr.isatty()
+        # systemd sets JOURNAL_STREAM when stderr goes to the journal: JSON there, and wherever no one reads a TTY
+        json = bool(os.environ.get("JOURNAL_STREAM")) or not sys.stderr.isatty()
     numeric = logging.getLevelName(level.upper())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,

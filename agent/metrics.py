@@ -57,6 +57,35 @@ class Metrics:
         self.events_pruned = Counter("events_pruned_total", "Events pruned from the log by retention", registry=r)
         self.pull_feed_events = Counter("pull_feed_events_total", "Events served by the cloud's pull feed", registry=r)
         self.pull_feed_acked = Gauge("pull_feed_acked_seq", "Highest seq the cloud acknowledged", registry=r)
+        # The reference document's integration metrics (agent/sync/metered.py)
+        self.integration_duration = Histogram(
+            "integration_request_duration_seconds",
+            "Duration of integration requests",
+            ["integration", "operation", "status"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=r,
+        )
+        self.integration_requests = Counter(
+            "integration_requests_total", "Total number of integration requests", ["integration", "operation"], registry=r
+        )
+        self.integration_errors = Counter(
+            "integration_errors_total",
+            "Total number of integration errors",
+            ["integration", "operation", "error_type"],
+            registry=r,
+        )
+        # Sampled when /metrics is read (Agent.refresh_gauges)
+        self.outbox_pending = Gauge("outbox_pending", "Events waiting for a destination", ["destination"], registry=r)
+        self.outbox_oldest_age = Gauge(
+            "outbox_oldest_pending_age_seconds", "Age of the oldest event waiting, per destination", ["destination"],
+            registry=r,
+        )
+        self.outbox_dead = Gauge("outbox_dead", "Dead-lettered events, per destination", ["destination"], registry=r)
+        self.devices_online = Gauge("devices_online", "Devices online now, by kind", ["kind"], registry=r)
+        self.devices_known = Gauge("devices_configured", "Devices configured, by kind", ["kind"], registry=r)
+        self.member_list_age = Gauge(
+            "member_list_age_seconds", "Since the member list was last synced (or imported)", registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

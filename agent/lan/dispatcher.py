@@ -72,6 +72,7 @@ class Job:
     route: topics.Route
     payload: bytes
     reply: tuple[str, bytes, bool] | None = None  # (topic, payload, retain) to publish in order, instead of deciding
+    probe: asyncio.Future[None] | None = None  # the watchdog's: answered when the worker reaches it
 
 
 class Dispatcher:
@@ -333,6 +334,20 @@ class Dispatcher:
             charging=status.charging,
         )
 
+    async def probe(self, within: float) -> bool:
+        """Whether the decision worker takes a job from its queue within `within` s (agent/notify.py)."""
+        answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait(Job(topics.Route(Kind.SCAN, "watchdog"), b"", probe=answered))
+        except asyncio.QueueFull:  # a full queue is a stalled (or flooded) worker either way
+            return False
+        try:
+            async with asyncio.timeout(within):
+                await answered
+        except TimeoutError:
+            return False
+        return True
+
     async def _worker(self) -> None:
         while True:
             check_cancelled()
@@ -345,6 +360,10 @@ class Dispatcher:
 
     async def _handle(self, job: Job) -> None:
         route, raw = job.route, job.payload
+        if job.probe is not None:
+            if not job.probe.done():
+                job.probe.set_result(None)
+            return
         if job.reply is not None:
             await self._publish_raw(*job.reply)
             return

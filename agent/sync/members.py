@@ -70,6 +70,7 @@ from ..store.members import MemberRecord, PlanRecord, _bound_ms, _date_or_instan
 from ..store.repo import new_id, to_ms
 from .cloud import CloudClient
 from .delivery import Permanent, Transient
+from .metered import metered_client
 
 log = get_logger("agent.sync.members")
 
@@ -415,7 +416,8 @@ class MemberSync:
             )
         # A member page is a GET without a body: nothing to sign, so the signing secret is optional here.
         signing = secrets.cloud_signing_secret.get_secret_value() if secrets.cloud_signing_secret else ""
-        client = CloudClient(section, secrets.cloud_client_secret.get_secret_value(), signing)
+        http = metered_client(metrics, "cloud", section.base_url) if metrics is not None else None
+        client = CloudClient(section, secrets.cloud_client_secret.get_secret_value(), signing, http)
         return cls(
             db,
             client,

@@ -160,6 +160,11 @@ class Outbox:
         for worker in self.workers:
             worker.wake.set()
 
+    def stalled(self, slack_s: float) -> list[str]:
+        """Workers that have not gone round their loop for longer than they ever sleep plus `slack_s`."""
+        now = time.monotonic()
+        return [w.destination.name for w in self.workers if now - w.beat > max(IDLE_MAX_S, w.breaker.open_s) + slack_s]
+
     async def run(self) -> None:
         try:
             async with asyncio.TaskGroup() as tg:
@@ -191,6 +196,7 @@ class _Worker:
         self._fresh_turn = False
         self._queued_upto = -1  # every seq up to here has its delivery row (or is not routed here)
         self._once = OnceLogger(log)
+        self.beat = time.monotonic()
 
     @property
     def _db(self) -> Database:
@@ -199,6 +205,7 @@ class _Worker:
     async def run(self) -> None:
         while True:
             check_cancelled()  # _sleep's wait_for can swallow a cancel (see agent/loop.py)
+            self.beat = time.monotonic()  # the watchdog's sign of life (agent/notify.py)
             try:
                 await self._round()
             except StoreError as exc:  # a full or read-only disk: say so, wait, try again

@@ -2,7 +2,7 @@
 
 | route | who may call it |
 |---|---|
-| GET /healthz, /readyz, /metrics, /api/v1/health/integrations | anyone who reaches the port (no secrets in them) |
+| GET /healthz, /readyz, /health, /metrics, /api/v1/health/integrations | anyone who reaches the port (no secrets) |
 | GET /api/v1/sync/changes, POST /api/v1/sync/ack | the club cloud only: Bearer cloud_pull_token (web/pull.py) |
 | the rest of /api/v1/: courts, sessions, check-in/out, consumption... | `[[api.clients]]` by role (web/api.py) |
 | GET /tablet/court?court=ID, /tablet/bar?pos=ID, /tablet/desk, /static/... | anyone: a page holds no data |
@@ -36,6 +36,7 @@ def make_app(
     pull: PullFeedApi | None = None,
     health: IntegrationHealth | None = None,
     api: LocalApi | None = None,
+    refresh: Callable[[], Awaitable[None]] | None = None,
 ) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
@@ -45,13 +46,23 @@ def make_app(
         ready = all(checks.values())
         return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
 
+    async def health_view(_: web.Request) -> web.Response:
+        """Liveness and readiness in one answer, with what is not ready: for operators and load checks."""
+        checks = readiness()
+        failing = sorted(name for name, ok in checks.items() if not ok)
+        body = {"live": True, "ready": not failing, "checks": checks, "not_ready": failing}
+        return web.json_response(body, status=200 if not failing else 503)
+
     async def metrics_view(_: web.Request) -> web.Response:
+        if refresh is not None:
+            await refresh()  # gauges read from the store (outbox depth, member list age) are sampled now
         return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application(client_max_size=64 * 1024, middlewares=[api.middleware] if api is not None else [])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/health", health_view)
     if health is not None:
         app.router.add_get("/api/v1/health/integrations", health.view)
     if pull is not None:
