@@ -66,7 +66,10 @@ class Metrics:
             registry=r,
         )
         self.integration_requests = Counter(
-            "integration_requests_total", "Total number of integration requests", ["integration", "operation"], registry=r
+            "integration_requests_total",
+            "Total number of integration requests",
+            ["integration", "operation"],
+            registry=r,
         )
         self.integration_errors = Counter(
             "integration_errors_total",
@@ -77,7 +80,9 @@ class Metrics:
         # Sampled when /metrics is read (Agent.refresh_gauges)
         self.outbox_pending = Gauge("outbox_pending", "Events waiting for a destination", ["destination"], registry=r)
         self.outbox_oldest_age = Gauge(
-            "outbox_oldest_pending_age_seconds", "Age of the oldest event waiting, per destination", ["destination"],
+            "outbox_oldest_pending_age_seconds",
+            "Age of the oldest event waiting, per destination",
+            ["destination"],
             registry=r,
         )
         self.outbox_dead = Gauge("outbox_dead", "Dead-lettered events, per destination", ["destination"], registry=r)

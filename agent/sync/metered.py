@@ -30,7 +30,9 @@ def operation(request: httpx.Request, prefix: str = "") -> str:
 
 
 class MeteredTransport(httpx.AsyncBaseTransport):
-    def __init__(self, metrics: Metrics, integration: str, prefix: str = "", inner: httpx.AsyncBaseTransport | None = None):
+    def __init__(
+        self, metrics: Metrics, integration: str, prefix: str = "", inner: httpx.AsyncBaseTransport | None = None
+    ):
         self._metrics = metrics
         self._integration = integration
         self._prefix = prefix.rstrip("/")

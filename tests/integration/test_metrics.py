@@ -45,9 +45,12 @@ async def test_metrics_cover_integrations_decisions_outbox_devices_and_storage(
     assert sample(text, "integration_requests_total", integration="cloud", operation="POST /edge/events")
     assert sample(text, "integration_errors_total", integration="cloud", error_type="http_5xx") == 1
     assert sample(text, "integration_requests_total", integration="ziggy", operation="POST /access/checkin") == 1
-    assert sample(
-        text, "integration_request_duration_seconds_count", integration="ziggy", operation="POST /access/checkin"
-    ) == 1
+    assert (
+        sample(
+            text, "integration_request_duration_seconds_count", integration="ziggy", operation="POST /access/checkin"
+        )
+        == 1
+    )
     assert sample(text, "scans_total", reader="r1", result="denied", reason="unknown_card") == 1
     assert sample(text, "outbox_pending", destination="cloud") == 0
     assert sample(text, "outbox_oldest_pending_age_seconds", destination="ziggy") == 0
