@@ -205,6 +205,46 @@ def sandbox(
         out.print("stopped")
 
 
+_DOCTOR_STYLES = {"OK": "green", "WARN": "yellow", "FAIL": "bold red", "SKIP": "dim"}
+
+
+@app.command()
+def doctor(
+    config: ConfigOpt = DEFAULT_CONFIG_PATH,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (ok, checks) for machines.")] = False,
+    user: Annotated[
+        str, typer.Option("--user", help="The service user whose access to devices and files is checked.")
+    ] = "club-agent",  # agent.doctor.SERVICE_USER, the unit's User=
+) -> None:
+    """Check this box: config, secrets, database, disk, clock, readers, NFC drivers, ports, cloud, Ziggy, cameras.
+
+    Each line is OK, WARN, FAIL or SKIP, with the fix to apply under each WARN and FAIL. Exit 0 when nothing
+    failed (warnings allowed), 1 when a check failed, 2 when the config cannot be loaded (the checks that need it
+    are skipped) or on a usage error. When the --user does not exist on this machine, the user running the doctor
+    is checked in its place, and the lines say so.
+    """
+    import json
+
+    from .doctor import run_doctor
+
+    report = run_async(run_doctor(config, user=user))
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), ensure_ascii=False))
+        raise typer.Exit(report.exit_code)
+    table = _table("check", "status", "detail")
+    for check in report.checks:
+        table.add_row(
+            Text(check.name), Text(check.status.value, style=_DOCTOR_STYLES[check.status.value]), Text(check.detail)
+        )
+        if check.fix and check.status.value in ("WARN", "FAIL"):
+            table.add_row("", "", Text(f"fix: {check.fix}", style="cyan"))
+    out.print(table)
+    counts = {s: sum(c.status.value == s for c in report.checks) for s in _DOCTOR_STYLES}
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    out.print(Text.assemble(("healthy" if report.ok else "not ready", "green" if report.ok else "red"), f": {summary}"))
+    raise typer.Exit(report.exit_code)
+
+
 @config_app.command("check")
 def config_check(path: Annotated[Path, typer.Argument(help="Config file to validate.")]) -> None:
     """Validate a config file (and its secrets file); exit 2 naming the key if it is wrong."""
