@@ -1,7 +1,10 @@
 """`club-agent demo`: the whole agent on loopback with seeded members and simulated devices, narrated live.
 
-No hardware, no internet: a temporary data dir, the embedded broker on an ephemeral port, three readers, a
-highlight button and a court tablet that publish real MQTT messages, and a console line for every answer.
+No hardware, no internet: a temporary data dir, the embedded broker on an ephemeral port, the sandbox cloud
+(Ziggy and the club cloud) on loopback, three court readers, a bar reader, a highlight button and a court tablet
+that publish real MQTT messages, a console line for every answer, and the tablet pages (court, bar, front desk)
+served with their tokens printed, so a browser on this machine shows the club live. The outbox's progress to
+the sandbox is narrated too.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from . import sim
 from .app import Agent, running
 from .config import Config, parse_config
 from .lan.auth import hash_password
+from .sandbox.options import SandboxOptions
+from .sandbox.server import SandboxServer
 from .store.db import Database
 from .store.members import MemberRecord, apply_members
 
@@ -106,14 +111,56 @@ def demo_members(count: int = 60, seed: int = 7) -> list[DemoMember]:
     return out
 
 
-def demo_config(data_dir: Path, passwords: dict[str, str], broker_port: int = 0, api_port: int = 0) -> Config:
+DEMO_TOKENS = {name: secrets.token_urlsafe(18) for name in ("desk", "bar-1", "court-c1")}
+BAR_ITEMS = [
+    {"item_id": "agua-500", "name": "Água 500 ml", "unit_price": 4.5},
+    {"item_id": "chopp", "name": "Chopp 300 ml", "unit_price": 12.9},
+    {"item_id": "isotonico", "name": "Isotônico", "unit_price": 8.0},
+    {"item_id": "bola", "name": "Tubo de bolas", "unit_price": 39.9},
+]
+
+
+def demo_config(
+    data_dir: Path,
+    passwords: dict[str, str],
+    broker_port: int = 0,
+    api_port: int = 0,
+    sandbox: SandboxServer | None = None,
+) -> Config:
     devices: list[dict[str, Any]] = [
         {"id": f"r{n}", "kind": "reader", "court": court_id, "name": f"Leitor {name}"}
         for n, (court_id, name, _) in enumerate(COURTS, start=1)
     ]
-    devices += [{"id": "b1", "kind": "button", "court": "c1"}, {"id": "t1", "kind": "tablet", "court": "c1"}]
+    devices += [
+        {"id": "b1", "kind": "button", "court": "c1"},
+        {"id": "t1", "kind": "tablet", "court": "c1"},
+        {"id": "rb", "kind": "reader", "pos": "bar-1", "name": "Leitor do bar"},
+    ]
     for device in devices:
         device["password_hash"] = hash_password(passwords[device["id"]])
+    secrets_file = data_dir / "secrets.toml"
+    lines = ["[api_tokens]", *(f'"{name}" = "{token}"' for name, token in DEMO_TOKENS.items())]
+    sync: dict[str, Any] = {}
+    if sandbox is not None:
+        s = sandbox.settings
+        lines = [
+            f'ziggy_api_key = "{s.ziggy_api_key}"',
+            f'cloud_client_secret = "{s.cloud_client_secret}"',
+            f'cloud_signing_secret = "{s.signing_secret}"',
+            *lines,
+        ]
+        sync = {
+            "ziggy": {"base_url": s.ziggy_base_url, "client_id": s.ziggy_client_id},
+            "cloud": {"base_url": s.cloud_base_url, "token_url": s.token_url, "client_id": s.cloud_client_id},
+        }
+    data_dir.mkdir(parents=True, exist_ok=True)
+    secrets_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    secrets_file.chmod(0o600)
+    clients = [
+        {"name": "desk", "role": "desk"},
+        {"name": "bar-1", "role": "bar"},
+        {"name": "court-c1", "role": "court", "courts": ["c1"]},
+    ]
     return parse_config(
         {
             "agent": {
@@ -122,9 +169,13 @@ def demo_config(data_dir: Path, passwords: dict[str, str], broker_port: int = 0,
                 "name": "Clube Demo",
                 "data_dir": str(data_dir),
                 "trust_clock": True,
+                "secrets_file": str(secrets_file),
             },
             "broker": {"host": "127.0.0.1", "port": broker_port},
-            "api": {"host": "127.0.0.1", "port": api_port},
+            "api": {"host": "127.0.0.1", "port": api_port, "clients": clients},
+            "bar": {"items": BAR_ITEMS},
+            "media": {"ring_dir": str(data_dir / "ring")},
+            **sync,
             "policy": {"second_tap_grace_s": 8, "debounce_s": 2},
             "courts": [{"id": c, "name": n, "access_groups": g} for c, n, g in COURTS],
             "devices": devices,
@@ -194,6 +245,7 @@ async def _players(
         }
         btn = await stack.enter_async_context(sim.button(host, port, "b1", "c1", passwords["b1"]))
         tab = await stack.enter_async_context(sim.tablet(host, port, "t1", passwords["t1"]))
+        bar = await stack.enter_async_context(sim.reader(host, port, "rb", passwords["rb"]))
         courts = {f"r{n}": name for n, (_, name, _) in enumerate(COURTS, start=1)}
         # The opening taps show each kind of answer once; the random club life follows.
         showcase = [
@@ -246,6 +298,18 @@ async def _players(
                 )
                 if got.payload["action"] == "checkin":
                     on_court[member.card] = ("r1", asyncio.get_running_loop().time())
+            if step % 9 == 0 and on_court:
+                # at the bar: the player taps their card on the bar's reader, the bar orders for them
+                card = rng.choice(list(on_court))
+                picked = await bar.tap(card)
+                items = [{**item, "quantity": rng.randint(1, 3)} for item in rng.sample(BAR_ITEMS, rng.randint(1, 2))]
+                order = await tab.order(items, card_id=card)
+                narrator.line(
+                    f"[bold]rb[/] bar: «{picked.payload['message']}» -> pedido "
+                    + ", ".join(f"{i['quantity']}x {i['name']}" for i in items)
+                    + f" -> [cyan]{order.payload['status']}[/] total R$ {order.payload.get('total', 0):.2f}"
+                    f" (sessão R$ {order.payload.get('session_total', 0):.2f})"
+                )
             if step % 5 == 0:
                 await tab.heartbeat(battery=max(5, 90 - step // 5))
             await asyncio.sleep(pace * rng.uniform(0.5, 1.5))
@@ -253,39 +317,54 @@ async def _players(
 
 async def run_demo(duration: float | None, pace: float, members_count: int, console: Console) -> Tally:
     members = demo_members(members_count)
-    passwords = {d: secrets.token_urlsafe(12) for d in ("r1", "r2", "r3", "b1", "t1")}
+    passwords = {d: secrets.token_urlsafe(12) for d in ("r1", "r2", "r3", "b1", "t1", "rb")}
+    sandbox_options = SandboxOptions(members=0, courts={c: n for c, n, _ in COURTS})
     with tempfile.TemporaryDirectory(prefix="club-agent-demo-") as tmp:
-        config = demo_config(Path(tmp), passwords)
-        async with Database(config.db_path) as db:
-            result = await apply_members(
-                db,
-                [m.record for m in members],
-                tz=config.domain_policy().timezone,
-                source="demo",
-                synced_at=datetime.now(UTC),
-            )
-        console.print(
-            f"[bold]Club agent demo[/]: {result.members} members seeded (list v{result.version}), "
-            f"3 courts, readers r1-r3, button b1, tablet t1. Data dir {tmp}",
-            soft_wrap=True,
-        )
-        agent = Agent(config)
-        narrator = Narrator(console, {m.record.member_id: m for m in members})
-        async with running(agent):
+        async with SandboxServer(sandbox_options, port=0) as cloud:
+            config = demo_config(Path(tmp), passwords, sandbox=cloud)
+            async with Database(config.db_path) as db:
+                result = await apply_members(
+                    db,
+                    [m.record for m in members],
+                    tz=config.domain_policy().timezone,
+                    source="demo",
+                    synced_at=datetime.now(UTC),
+                )
             console.print(
-                f"Broker on 127.0.0.1:{agent.broker_port}  (try: mosquitto_sub -p {agent.broker_port} "
-                f"-u t1 -P {passwords['t1']} -t 'court/c1/#' -v)   metrics: "
-                f"http://127.0.0.1:{agent.api_port}/metrics",
+                f"[bold]Club agent demo[/]: {result.members} members seeded (list v{result.version}), "
+                f"3 courts, readers r1-r3, bar reader rb, button b1, tablet t1; sandbox cloud (Ziggy + club "
+                f"cloud) on {cloud.url}. Data dir {tmp}",
                 soft_wrap=True,
             )
-            console.print("Ctrl-C stops the demo.\n")
-            players = _players(narrator, agent, members, passwords, random.Random(), pace)
-            try:
-                if duration:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(players, duration)
-                else:
-                    await players
-            finally:
-                console.print(f"\n[bold]Summary[/]: {narrator.tally.summary()}")
+            agent = Agent(config)
+            narrator = Narrator(console, {m.record.member_id: m for m in members})
+            async with running(agent):
+                base = f"http://127.0.0.1:{agent.api_port}"
+                console.print(
+                    f"Broker on 127.0.0.1:{agent.broker_port}  (try: mosquitto_sub -p {agent.broker_port} "
+                    f"-u t1 -P {passwords['t1']} -t 'court/c1/#' -v)\n"
+                    f"Pages (open in a browser on this machine):\n"
+                    f"  front desk  {base}/tablet/desk?token={DEMO_TOKENS['desk']}\n"
+                    f"  court 1     {base}/tablet/court?court=c1&token={DEMO_TOKENS['court-c1']}\n"
+                    f"  bar         {base}/tablet/bar?pos=bar-1&token={DEMO_TOKENS['bar-1']}\n"
+                    f"Health {base}/health   metrics {base}/metrics   what the cloud received "
+                    f"{cloud.url}/_sandbox/received",
+                    soft_wrap=True,
+                )
+                console.print("Ctrl-C stops the demo.\n")
+                players = _players(narrator, agent, members, passwords, random.Random(), pace)
+                try:
+                    if duration:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(players, duration)
+                    else:
+                        await players
+                finally:
+                    delivered = sum(1 for e in cloud.sandbox.log if e.get("kind") == "event")
+                    ziggy = sum(1 for e in cloud.sandbox.log if e.get("kind") == "call" and e.get("acted"))
+                    console.print(
+                        f"\n[bold]Summary[/]: {narrator.tally.summary()}\n"
+                        f"[bold]Synced[/]: {delivered} events accepted by the club cloud, {ziggy} Ziggy calls acted on",
+                        soft_wrap=True,
+                    )
     return narrator.tally

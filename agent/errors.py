@@ -7,7 +7,11 @@ AgentError
 │   └── MigrationError   the schema on disk is newer than this build, or a migration failed
 ├── PayloadError         a device message could not be decoded (carries a stable `reason`)
 ├── ImportFileError      a member import file is malformed (carries line and field)
-└── BrokerStartError     the embedded broker could not bind or start
+├── BrokerStartError     the embedded broker could not bind or start
+├── RecorderError        a camera's ring recorder was misused, or its segments could not be pinned (media/)
+├── ClipError            a clip could not be cut: the step that failed and ffmpeg's last words (media/)
+├── ClaimRefused         the cloud refused a claim token (used, expired, unknown): nothing changed (provision)
+└── ClaimFailed          the cloud could not be asked, or answered no claim: nothing changed (provision)
 """
 
 from __future__ import annotations

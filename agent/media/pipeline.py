@@ -43,7 +43,7 @@ from ..sync.clips import ClipMetadata, ClipUploader
 from ..sync.delivery import Permanent, Transient
 from . import budget
 from .clips import ClipError, cut_clip
-from .recorder import GAP_TOLERANCE_S, PresenceCallback, RingRecorder, Segment
+from .recorder import GAP_TOLERANCE_S, PresenceCallback, RecorderError, RingRecorder, Segment
 
 log = get_logger("agent.media")
 
@@ -211,7 +211,7 @@ class ClipPipeline:
         try:
             pinned = await asyncio.to_thread(recorder.pin, segments, work)
             clip = await cut_clip(pinned, start, (end - start).total_seconds(), out, reencode=self._media.reencode)
-        except (ClipError, OSError) as exc:
+        except (ClipError, RecorderError, OSError) as exc:
             attempts = int(row["clip_attempts"]) + 1
             log.warning("clip_cut_failed", highlight=highlight_id, attempt=attempts, error=str(exc)[-300:])
             if attempts >= MAX_CUT_ATTEMPTS:
