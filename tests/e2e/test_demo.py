@@ -1,4 +1,5 @@
-"""`club-agent demo` shows granted and denied taps on a fresh data dir, with nothing but the package."""
+"""`club-agent demo` shows granted and denied taps, bar orders and the sync to the sandbox cloud on a fresh
+data dir, with nothing but the package."""
 
 from __future__ import annotations
 
@@ -29,4 +30,9 @@ def test_demo_shows_granted_and_denied_taps() -> None:
     summary = re.search(r"Summary: (\d+) answers .*p50 ([\d.]+) ms, p99 ([\d.]+) ms", out.replace("\n", " "))
     assert summary is not None, out[-1500:]
     assert int(summary.group(1)) >= 10
+    synced = re.search(r"Synced: (\d+) events accepted by the club cloud, (\d+) Ziggy calls", out)
+    assert synced is not None, out[-1500:]
+    assert int(synced.group(1)) >= 10  # the outbox reached the sandbox cloud during the demo
+    assert "pedido no bar" in out  # the bar reader picked a player and the bar ordered for them
+    assert "/tablet/desk?token=" in out
     assert "Traceback" not in done.stderr
