@@ -16,6 +16,7 @@ import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 from aiohttp import web
 
 from .access import AccessService
@@ -118,6 +119,7 @@ class Agent:
         self._hub: LiveHub | None = None
         self.notifier = Notifier()
         self._gauges_at = float("-inf")
+        self._clip_http: httpx.AsyncClient | None = None
         self.retention: Retention | None = None
         self.member_sync: MemberSync | None = None
         self.readers: AttachedReaders | None = None
@@ -223,6 +225,8 @@ class Agent:
         finally:
             if uploader is not None:
                 await uploader.aclose()
+            if self._clip_http is not None:
+                await self._clip_http.aclose()
             if member_sync is not None:
                 await member_sync.aclose()
             await dispatcher.announce_offline()
@@ -418,11 +422,9 @@ class Agent:
             if cfg.cameras:
                 log.error("clip_upload_not_configured", missing="[cloud] with cloud_client_secret")
             return None
-        return ClipUploader(
-            cfg.cloud,
-            cfg.secrets.cloud_client_secret.get_secret_value(),
-            client=metered_client(self.metrics, "cloud", cfg.cloud.base_url),
-        )
+        # the uploader leaves a client it was given open: closed with the uploader in _serve
+        self._clip_http = metered_client(self.metrics, "cloud", cfg.cloud.base_url)
+        return ClipUploader(cfg.cloud, cfg.secrets.cloud_client_secret.get_secret_value(), client=self._clip_http)
 
     def _camera_presence(self, camera_id: str, online: bool, reason: str) -> None:
         at = self.clock.wall()

@@ -56,7 +56,7 @@ BUSY_POLL_S = 2.0  # while the cloud has events waiting, clips wait this long be
 UPLOAD_BACKOFF_S = (5.0, 15.0, 60.0, 300.0)
 BUDGET_EVERY_S = 30.0
 EVICT_TO_PCT = 90.0  # evicting over the budget frees down to this share of it, not just to the line
-WORK_DIR = ".work"  # under the clips directory: each cut's pinned segments, removed after the cut
+WORK_DIR = ".pins"  # under the ring directory: each cut's pinned segments, removed after the cut
 
 
 def _best_stretch(segments: Sequence[Segment], press: datetime) -> list[Segment]:
@@ -98,6 +98,8 @@ class ClipPipeline:
         self._db, self._config, self._clock, self._service, self._metrics = db, config, clock, service, metrics
         self._media = config.media
         self._clips_dir = config.clips_path
+        # Pins are hard links, so they live on the ring's filesystem (tmpfs), not beside the clips (the SD card).
+        self._pins = config.ring_path / WORK_DIR
         self._uploader = uploader
         self._tz = ZoneInfo(config.agent.timezone)
         self._courts = config.domain_courts()
@@ -145,7 +147,7 @@ class ClipPipeline:
 
     def _prepare_dirs(self) -> None:
         self._clips_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self._clips_dir / WORK_DIR, ignore_errors=True)  # pins of cuts a stop interrupted
+        shutil.rmtree(self._pins, ignore_errors=True)  # pins of cuts a stop interrupted
         for stray in self._clips_dir.glob(".*.part"):  # a cut interrupted before its rename
             stray.unlink(missing_ok=True)
 
@@ -206,11 +208,13 @@ class ClipPipeline:
             why = "the camera was offline" if not recorder.online else "the footage is no longer in the ring"
             await self._missed(highlight_id, "no_footage", f"no footage for {start.isoformat()}: {why}")
             return
-        work = self._clips_dir / WORK_DIR / highlight_id
+        work = self._pins / highlight_id
         out = self._clips_dir / f"{highlight_id}.mp4"
         try:
             pinned = await asyncio.to_thread(recorder.pin, segments, work)
-            clip = await cut_clip(pinned, start, (end - start).total_seconds(), out, reencode=self._media.reencode)
+            clip = await cut_clip(
+                pinned, start, (end - start).total_seconds(), out, reencode=self._media.reencode, probe_audio=False
+            )
         except (ClipError, RecorderError, OSError) as exc:
             attempts = int(row["clip_attempts"]) + 1
             log.warning("clip_cut_failed", highlight=highlight_id, attempt=attempts, error=str(exc)[-300:])

@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import shutil
+import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -66,9 +67,21 @@ async def clip_row(premises: Premises, highlight_id: str) -> Any:
     return rows[0]
 
 
+@pytest.fixture
+def tmpfs_ring() -> Iterator[Path]:
+    """The ring in RAM, as in production, on another filesystem than the data dir: pins must stay on the ring's."""
+    ring = Path(tempfile.mkdtemp(prefix="ring-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    yield ring
+    shutil.rmtree(ring, ignore_errors=True)
+
+
 @pytest.mark.deadline(150)
 async def test_a_press_becomes_a_30_s_clip_with_its_pre_roll_uploaded_with_a_matching_hash(
-    premises_factory: PremisesFactory, sandbox_factory: Callable[..., Any], camera: SimulatedCamera, tmp_path: Path
+    premises_factory: PremisesFactory,
+    sandbox_factory: Callable[..., Any],
+    camera: SimulatedCamera,
+    tmp_path: Path,
+    tmpfs_ring: Path,
 ) -> None:
     server = await sandbox_factory()
     overrides = sandbox_overrides(server, tmp_path / "secrets")
@@ -76,7 +89,7 @@ async def test_a_press_becomes_a_30_s_clip_with_its_pre_roll_uploaded_with_a_mat
         **overrides,
         clock=LiveClock(),
         cameras=[{"id": "cam-c1", "court": "c1", "url": camera.url}],
-        media={"ring_dir": str(tmp_path / "ring"), "upload_kbps_open": None},
+        media={"ring_dir": str(tmpfs_ring), "upload_kbps_open": None},
     )
     presence = premises.agent.presence
     await until(lambda: presence.get("cam-c1").online, 20, "the camera recording")  # type: ignore[union-attr]
