@@ -22,11 +22,17 @@ system-deps:
 # TLS certificates with openssl, and drive the tablet pages in Debian's Chromium (headless). The mosquitto
 # service the package starts would hold port 1883, the embedded broker's port, so a mosquitto installed here
 # is disabled again. The camera tests run ffmpeg against GStreamer's RTSP server (tests/cameras.py).
+# tests/integration/test_setup.py runs provisioning/setup.sh (shellcheck; a venv of Debian's python3) and checks
+# the unit and the udev rules with systemd-analyze and udevadm.
 test-deps:
 	@missing=""; \
 	[ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v shellcheck >/dev/null || missing="$$missing shellcheck"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	command -v udevadm >/dev/null || missing="$$missing udev"; \
+	/usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	[ -x /usr/bin/ffmpeg ] || missing="$$missing ffmpeg"; \
 	/usr/bin/python3 -c 'import gi; gi.require_version("GstRtspServer", "1.0")' 2>/dev/null \
 		|| missing="$$missing python3-gi gir1.2-gst-rtsp-server-1.0"; \
@@ -73,13 +79,9 @@ test-mosquitto: deps test-deps
 	CLUB_AGENT_TEST_BROKER=mosquitto $(BIN)/pytest -q -m "not embedded_only" \
 		--ignore=tests/integration/test_broker_conformance.py --ignore=tests/unit --ignore=tests/browser
 
+# Every benchmark, each with its peer side by side in the same run; writes BENCHMARKS.md (about 25 minutes).
 bench: deps test-deps
-	$(BIN)/python benchmarks/tap_latency.py
-	$(BIN)/python benchmarks/serial_latency.py
-	$(BIN)/python benchmarks/broker.py
-	$(BIN)/python benchmarks/member_sync.py
-	$(BIN)/python benchmarks/outbox.py --ziggy-events 5000
-	$(BIN)/python benchmarks/crash.py
+	$(BIN)/python benchmarks/table.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build *.egg-info
