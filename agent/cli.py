@@ -719,7 +719,15 @@ app.add_typer(provision_app, name="provision")
 
 @provision_app.command("claim")
 def provision_claim(
-    token: Annotated[str, typer.Option("--token", help="The one-time claim token from the club's cloud account.")],
+    token: Annotated[
+        str,
+        typer.Option(
+            "--token",
+            envvar="CLUB_AGENT_CLAIM_TOKEN",
+            help="The one-time claim token from the club's cloud account (or $CLUB_AGENT_CLAIM_TOKEN, which keeps it"
+            " out of the process list).",
+        ),
+    ],
     config: ConfigOpt = DEFAULT_CONFIG_PATH,
     cloud_url: Annotated[
         str | None, typer.Option(help="The club cloud's address, if the config does not have it yet.")

@@ -144,8 +144,13 @@ class Account:
         try:
             entry = pwd.getpwnam(name)
         except KeyError:
-            own = pwd.getpwuid(os.geteuid())
-            return cls(own.pw_name, own.pw_uid, frozenset(os.getgroups()) | {os.getegid()}, stand_in_for=name)
+            uid = os.geteuid()
+            groups = frozenset(os.getgroups()) | {os.getegid()}
+            try:
+                own = pwd.getpwuid(uid).pw_name
+            except KeyError:  # a uid with no passwd entry (a container's, a systemd DynamicUser's)
+                own = str(uid)
+            return cls(own, uid, groups, stand_in_for=name)
         return cls(entry.pw_name, entry.pw_uid, frozenset(os.getgrouplist(entry.pw_name, entry.pw_gid)))
 
     @property

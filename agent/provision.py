@@ -99,10 +99,19 @@ def add_courts(text: str, courts: list[tuple[str, str]]) -> str:
 
 
 def _write_atomically(path: Path, text: str, mode: int) -> None:
+    """Replace `path` whole (a crash leaves the old or the new file), keeping its owner and group: the service
+    reads these files as its own user, and a claim run by root must not take them away from it."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        before = path.stat()
+        owner: tuple[int, int] | None = (before.st_uid, before.st_gid)
+    except FileNotFoundError:
+        owner = None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.fchmod(fd, mode)
+        if owner is not None and hasattr(os, "fchown"):
+            os.fchown(fd, *owner)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             out.write(text)
             out.flush()

@@ -53,7 +53,10 @@ PATH_KINDS = ("usb", "tty", "com", "udp")
 # Kernel NFC drivers that bind the USB readers before libusb can: port100 (RC-S380), pn533_usb and pn533 (PN533
 # boards, and the ACR122U's PN532 behind its USB bridge).
 KERNEL_MODULES = ("port100", "pn533_usb", "pn533")
-_BLACKLIST = "blacklist the kernel modules port100 and pn533_usb (/etc/modprobe.d/blacklist-nfc.conf) and reboot"
+_BLACKLIST = (
+    "blacklist the kernel modules port100 and pn533_usb (provisioning/setup.sh installs"
+    " /etc/modprobe.d/club-agent-nfc.conf) and reboot"
+)
 
 
 def check_path(path: str) -> str:
