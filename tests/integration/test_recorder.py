@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -108,8 +109,11 @@ async def test_segments_get_a_wall_clock_index_and_the_ring_is_pruned(
             assert s.path.is_file()
             assert s.path.parent == ring_dir / s.run_id
             if s.seq > 0:  # the first holds what ffmpeg buffered while it probed the stream, from any keyframe
-                assert 0.8 <= s.duration_s <= 1.3, "1 s segments from a camera with a 1 s GOP"
+                # a starved encoder (a loaded CI box) can miss one split point: two GOPs, never more
+                assert 0.8 <= s.duration_s <= 2.3, "1 s segments from a camera with a 1 s GOP"
             assert abs((s.end - s.start).total_seconds() - s.duration_s) < 0.3
+        later = [s.duration_s for s in segments if s.seq > 0]
+        assert 0.8 <= statistics.median(later) <= 1.3, later
         assert (now() - segments[-1].end).total_seconds() < 1.5
         for s in segments[1:3]:
             await check_against_frames(s)
