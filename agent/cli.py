@@ -35,6 +35,7 @@ from .store.members import apply_members, read_member_file
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    invoke_without_command=True,  # so that `club-agent --version` needs no command
     pretty_exceptions_enable=False,
     help="Club edge agent: embedded MQTT broker, offline-first check-ins, durable sync.",
 )
@@ -60,6 +61,7 @@ T = TypeVar("T")
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
 ) -> None:
@@ -68,6 +70,9 @@ def _root(
     if version:
         out.print(f"club-agent {__version__}")
         raise typer.Exit(0)
+    if ctx.invoked_subcommand is None:
+        out.print(ctx.get_help())
+        raise typer.Exit(2)
 
 
 @contextlib.contextmanager

@@ -230,3 +230,9 @@ def test_store_recover_moves_a_corrupt_database_aside(
     after = club_agent("members", "show", "04A1B2C3", "--config", str(config))
     assert after.returncode == 1
     assert "no member" in after.stderr  # a working, empty store: the salvage could not read the members
+
+
+def test_version_needs_no_command() -> None:
+    done = club_agent("--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("club-agent ")
