@@ -70,7 +70,8 @@ async def clip_row(premises: Premises, highlight_id: str) -> Any:
 @pytest.fixture
 def tmpfs_ring() -> Iterator[Path]:
     """The ring in RAM, as in production, on another filesystem than the data dir: pins must stay on the ring's."""
-    ring = Path(tempfile.mkdtemp(prefix="ring-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    shm = Path("/dev/shm")  # noqa: S108 - mkdtemp makes a private (0700, random-named) directory there
+    ring = Path(tempfile.mkdtemp(prefix="ring-", dir=shm if shm.is_dir() else None))
     yield ring
     shutil.rmtree(ring, ignore_errors=True)
 
