@@ -219,9 +219,10 @@ async def test_cut_errors_name_what_failed(
     gone = Segment(tmp_path / "gone.ts", start, start, 1.0, "run-x", 1)
     with pytest.raises(ClipError, match=r"segment .*gone\.ts is gone"):
         await cut_clip([ts_segments[0], gone], start, 2.0, out)
-    # A segment that is there but unreadable: the concat demuxer skips it and ends with status 0.
+    # A segment that is there but unreadable: the concat protocol skips bytes it cannot parse and ffmpeg ends
+    # with status 0; only the clip's length tells.
     unreadable = Segment(garbage, start, start, 1.0, "run-x", 1)
-    with pytest.raises(ClipError, match=r"ffmpeg wrote 1\.\d+ s of the 2\.00 s wanted for clip\.mp4: .*garbage\.ts"):
+    with pytest.raises(ClipError, match=r"ffmpeg wrote 1\.\d+ s of the 2\.00 s wanted for clip\.mp4"):
         await cut_clip([ts_segments[0], unreadable], start, 2.0, out)
 
     monkeypatch.setattr(clips, "FFMPEG", str(tmp_path / "no-ffmpeg"))
