@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PKGS := python3-venv python3-pip
 
-.PHONY: all demo test test-embedded test-mosquitto lint typecheck unit bench deps system-deps test-deps clean
+.PHONY: all demo test test-embedded test-mosquitto lint typecheck unit bench deps system-deps test-deps fuzz clean
 
 all: test
 
@@ -82,6 +82,28 @@ test-mosquitto: deps test-deps
 # Every benchmark, each with its peer side by side in the same run; writes BENCHMARKS.md (about 25 minutes).
 bench: deps test-deps
 	$(BIN)/python benchmarks/table.py
+
+# Fuzzing: every atheris target in tests/fuzz for FUZZ_SECONDS each (its corpus grows in build/fuzz/<target>/corpus,
+# a crash or a hang is written next to it and fails the run once every target had its turn), then every target on
+# hypothesis at the `fuzz` profile (FUZZ_EXAMPLES each, tests/fuzz/conftest.py). `make test` runs a short pass.
+FUZZ_SECONDS  ?= 60
+FUZZ_EXAMPLES ?= 20000
+FUZZ_FLAGS    ?= -max_len=4096 -timeout=60 -rss_limit_mb=4096
+FUZZ_TARGETS := $(sort $(basename $(notdir $(wildcard tests/fuzz/fuzz_*.py))))
+
+fuzz: deps
+	@failed=""; for target in $(FUZZ_TARGETS); do \
+		dir=build/fuzz/$$target; mkdir -p $$dir/corpus; \
+		start=$$(date +%s); \
+		if $(BIN)/python -m tests.fuzz.$$target -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 $(FUZZ_FLAGS) \
+			-artifact_prefix=$$dir/ $$dir/corpus >$$dir/log 2>&1; then result=ok; \
+		else result=FAILED; failed="$$failed $$target"; tail -30 $$dir/log; fi; \
+		printf '%-16s %-6s %4ss  runs %-9s exec/s %-7s corpus %s\n' $$target $$result $$(($$(date +%s) - start)) \
+			"$$(sed -n 's/^stat::number_of_executed_units: *//p' $$dir/log)" \
+			"$$(sed -n 's/^stat::average_exec_per_sec: *//p' $$dir/log)" "$$(ls $$dir/corpus | wc -l)"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "fuzz: crashes in$$failed (inputs in build/fuzz/<target>/, logs beside)"; exit 1; fi
+	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest tests/fuzz -q -k "not under_atheris" --durations=20
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build *.egg-info
