@@ -175,12 +175,18 @@ ROWS = (
 )
 
 
+def _load(figures: Figures) -> str:
+    load = figures.get("_load")
+    return f"{load[0]}/{load[1]}" if isinstance(load, list) and len(load) == 2 else "?"
+
+
 def command(bench: Bench) -> str:
     return " ".join([".venv/bin/python", f"benchmarks/{bench.name}.py", *bench.args])
 
 
 def run(bench: Bench) -> Figures:
     started = time.monotonic()
+    load_before = os.getloadavg()[0]
     print(f"== {command(bench)}", flush=True)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / f"{bench.name}.py"), *bench.args],
@@ -201,6 +207,8 @@ def run(bench: Bench) -> Figures:
     figures["_exit"] = proc.returncode
     figures["_seconds"] = round(time.monotonic() - started, 1)
     figures["_measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    # the 1-minute load average before and after: on a shared 2-core machine it says how much to trust a latency
+    figures["_load"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]
     SAVED.mkdir(parents=True, exist_ok=True)
     (SAVED / f"{bench.name}.json").write_text(json.dumps(figures, indent=1) + "\n", encoding="utf-8")
     return figures
@@ -234,8 +242,10 @@ def write(saved: dict[str, Figures]) -> bool:
         "line; those objects are kept in `.artifacts/bench/`.",
         "",
         f"Machine: {machine()}.",
+        "The load average (1 minute, before and after each run) is beside each date: a latency measured while other",
+        "work kept the 2 cores busy (a load well above 2) says more about the machine than about the agent.",
         "",
-        "| budget | measured | peer (same run) | ratio | pass | command | when |",
+        "| budget | measured | peer (same run) | ratio | pass | command | when (load before/after) |",
         "|---|---|---|---|---|---|---|",
     ]
     by_name = {b.name: b for b in BENCHES}
@@ -257,7 +267,7 @@ def write(saved: dict[str, Figures]) -> bool:
         ok_all = ok_all and passed
         out.append(
             f"| {row.budget} | {row.figure(figures)} | {row.peer(figures)} | {row.ratio(figures)} | "
-            f"{'✓' if passed else '✗'} | {cmd} | {figures.get('_measured_at', '?')[:10]} |"
+            f"{'✓' if passed else '✗'} | {cmd} | {figures.get('_measured_at', '?')[:16]} ({_load(figures)}) |"
         )
     out += [
         "",
