@@ -34,6 +34,7 @@ from ..access import AccessService
 from ..clock import Clock
 from ..config import Config
 from ..domain.model import within
+from ..errors import StoreError
 from ..logs import OnceLogger, get_logger
 from ..loop import check_cancelled
 from ..metrics import Metrics
@@ -302,11 +303,16 @@ class ClipPipeline:
                 failures += 1
                 wait = UPLOAD_BACKOFF_S[min(failures, len(UPLOAD_BACKOFF_S)) - 1]
                 self._once.warning("clip_upload_retry", "transient", error=str(exc)[:300], retry_in_s=wait)
-                await self._update(
-                    "UPDATE highlights SET clip_error = ? WHERE highlight_id = ?",
-                    (str(exc)[:500], row["highlight_id"]),
-                )
+                with contextlib.suppress(StoreError):  # a full disk must not stop the agent: the row keeps its state
+                    await self._update(
+                        "UPDATE highlights SET clip_error = ? WHERE highlight_id = ?",
+                        (str(exc)[:500], row["highlight_id"]),
+                    )
                 await asyncio.sleep(wait)
+            except StoreError as exc:  # a full or read-only disk: the upload is retried once writes work again
+                failures += 1
+                self._once.warning("clip_upload_store_error", "store", error=str(exc)[:300])
+                await asyncio.sleep(UPLOAD_BACKOFF_S[min(failures, len(UPLOAD_BACKOFF_S)) - 1])
 
     async def _upload(self, row: dict[str, Any]) -> None:
         assert self._uploader is not None
@@ -362,7 +368,10 @@ class ClipPipeline:
         while True:
             check_cancelled()
             self._wake_budget.clear()
-            await self.enforce_budget()
+            try:
+                await self.enforce_budget()
+            except (StoreError, OSError) as exc:  # a full or read-only disk: measured again next round
+                self._once.warning("storage_budget_failed", "store", error=str(exc)[:300])
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(BUDGET_EVERY_S):
                     await self._wake_budget.wait()

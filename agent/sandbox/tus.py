@@ -83,7 +83,8 @@ class ClipMetadata(BaseModel):
     court_id: Text
     pressed_at: Instant
     start_at: Instant
-    trim_start_s: float = Field(ge=0, le=3600, allow_inf_nan=False)
+    # negative when the footage starts late (the camera came back after press - 10 s): the clip is still the moment
+    trim_start_s: float = Field(ge=-3600, le=3600, allow_inf_nan=False)
     duration_s: float = Field(gt=0, le=3600, allow_inf_nan=False)
     triggered_by: Annotated[str, BeforeValidator(text), StringConstraints(min_length=1, max_length=32)]
     sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
