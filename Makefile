@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PKGS := python3-venv python3-pip
 
-.PHONY: all demo test test-embedded test-mosquitto lint typecheck unit bench deps system-deps test-deps fuzz clean
+.PHONY: all demo test test-embedded test-mosquitto lint typecheck unit bench chaos deps system-deps test-deps fuzz clean
 
 all: test
 
@@ -23,7 +23,8 @@ system-deps:
 # service the package starts would hold port 1883, the embedded broker's port, so a mosquitto installed here
 # is disabled again. The camera tests run ffmpeg against GStreamer's RTSP server (tests/cameras.py).
 # tests/integration/test_setup.py runs provisioning/setup.sh (shellcheck; a venv of Debian's python3) and checks
-# the unit and the udev rules with systemd-analyze and udevadm.
+# the unit and the udev rules with systemd-analyze and udevadm. benchmarks/chaos.py compiles its wall-clock step
+# library with cc and formats its data disk with mkfs.ext4 (e2fsprogs).
 test-deps:
 	@missing=""; \
 	[ -x /usr/sbin/mosquitto ] || missing="$$missing mosquitto"; \
@@ -34,6 +35,8 @@ test-deps:
 	command -v udevadm >/dev/null || missing="$$missing udev"; \
 	/usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	[ -x /usr/bin/ffmpeg ] || missing="$$missing ffmpeg"; \
+	command -v cc >/dev/null || missing="$$missing gcc"; \
+	command -v mkfs.ext4 >/dev/null || missing="$$missing e2fsprogs"; \
 	/usr/bin/python3 -c 'import gi; gi.require_version("GstRtspServer", "1.0")' 2>/dev/null \
 		|| missing="$$missing python3-gi gir1.2-gst-rtsp-server-1.0"; \
 	ls /usr/lib/*/gstreamer-1.0/libgstrtp.so >/dev/null 2>&1 || missing="$$missing gstreamer1.0-plugins-good"; \
@@ -82,6 +85,13 @@ test-mosquitto: deps test-deps
 # Every benchmark, each with its peer side by side in the same run; writes BENCHMARKS.md (about 25 minutes).
 bench: deps test-deps
 	$(BIN)/python benchmarks/table.py
+
+# Chaos (about 8 minutes, bounded to 20): the agent under premises load while every fault kind hits it in a seeded
+# random order (kills, cloud faults and an outage, a full and a read-only data disk, clock steps, a reader unplugged,
+# a flooding device); the sandbox cloud's log is the oracle. Root: it loop-mounts a small ext4 data disk.
+# CHAOS_ARGS="--seed 2 --duration 600" to vary it; the last line is {"lost": ..., "duplicated": ..., ...}.
+chaos: deps test-deps
+	$(SUDO) $(BIN)/python benchmarks/chaos.py $(CHAOS_ARGS)
 
 # Fuzzing: every atheris target in tests/fuzz for FUZZ_SECONDS each (its corpus grows in build/fuzz/<target>/corpus,
 # a crash or a hang is written next to it and fails the run once every target had its turn), then every target on
