@@ -124,7 +124,8 @@ class AgentSection(_Model):
     def _tz(cls, value: str) -> str:
         try:
             ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError) as exc:
+        # OSError: a zone's directory ("America") read as a zone file raises IsADirectoryError
+        except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
             raise ValueError("expected an IANA time zone such as 'America/Sao_Paulo'") from exc
         return value
 
@@ -610,10 +611,18 @@ def format_validation_error(
         elif isinstance((err.get("ctx") or {}).get("error"), KeyedError):
             lines.append(f"{source}: {msg}")
         elif key and echo_values and not secret and not isinstance(err.get("input"), dict | list):
-            lines.append(f"{source}: {key} = {err.get('input')!r}{origin}: {msg}")
+            lines.append(f"{source}: {key} = {_mask_userinfo(repr(err.get('input')))}{origin}: {msg}")
         else:
             lines.append(f"{source}: {key or '(top level)'}{origin}: {msg}")
     return "\n".join(lines)
+
+
+def _mask_userinfo(text: str) -> str:
+    """`text` with the user and password of any URL in it masked (a camera URL may carry its password)."""
+    return _USERINFO.sub("://***@", text)
+
+
+_USERINFO = re.compile(r"://.*@", re.DOTALL)
 
 
 def _apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
@@ -643,6 +652,8 @@ def _read_toml(path: Path, what: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     except IsADirectoryError as exc:
         raise ConfigError(f"{what} is a directory, expected a file: {path}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: {what} is not UTF-8 text (save it as UTF-8): {exc.reason}") from exc
 
 
 def check_secrets_mode(path: Path) -> None:
@@ -665,7 +676,7 @@ def _load_secrets(path: Path) -> Secrets:
     try:
         return Secrets.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(path))) from exc
+        raise ConfigError(format_validation_error(exc, str(path), echo_values=False)) from exc
 
 
 def parse_config(

@@ -26,6 +26,7 @@ from .repo import to_ms
 
 MAX_IMPORT_BYTES = 256 * 1024 * 1024
 BATCH = 5000
+MAX_CREDITS = 2**63 - 1  # SQLite's largest INTEGER: more cannot be stored, so such a record is refused
 
 
 def _split_list(value: Any) -> Any:
@@ -69,7 +70,7 @@ class MemberRecord(BaseModel):
     member_code: Annotated[str | None, BeforeValidator(_blank_to_none)] = Field(default=None, max_length=64)
     status: MemberStatus = MemberStatus.ACTIVE
     cards: Annotated[list[str], BeforeValidator(_split_list)] = Field(default_factory=list)
-    credits: Annotated[int | None, BeforeValidator(_blank_to_none)] = Field(default=None, ge=0)
+    credits: Annotated[int | None, BeforeValidator(_blank_to_none)] = Field(default=None, ge=0, le=MAX_CREDITS)
     requires_credit: Annotated[bool | None, BeforeValidator(_blank_to_none)] = None
     valid_from: Annotated[datetime | date | None, BeforeValidator(_date_or_instant)] = None
     valid_until: Annotated[datetime | date | None, BeforeValidator(_date_or_instant)] = None
@@ -114,9 +115,23 @@ def _bound_ms(value: date | datetime | None, tz: ZoneInfo, *, end: bool) -> int 
     if value is None:
         return None
     if isinstance(value, datetime):
-        return to_ms(value if value.tzinfo else value.replace(tzinfo=tz))
-    day = value + timedelta(days=1) if end else value
-    return to_ms(datetime.combine(day, time(0), tzinfo=tz))
+        ms = to_ms(value if value.tzinfo else value.replace(tzinfo=tz))
+    elif end and value == date.max:
+        return None  # "valid until 9999-12-31" means forever, and the day after it is past date.max
+    else:
+        day = value + timedelta(days=1) if end else value
+        ms = to_ms(datetime.combine(day, time(0), tzinfo=tz))
+    # Bounds past what the cache can read back (from_ms, years 1..9999 UTC) mean no bound at all at their open
+    # side (an end after year 9999, a start before year 1) and are clamped at the other.
+    if ms > _MAX_MS:
+        return None if end else _MAX_MS
+    if ms < _MIN_MS:
+        return _MIN_MS if end else None
+    return ms
+
+
+_MAX_MS = to_ms(datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC))
+_MIN_MS = to_ms(datetime(1, 1, 2, tzinfo=UTC))
 
 
 # -- reading files ---------------------------------------------------------------------------------------------

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import enum
 import hashlib
+import json
 import random
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -42,7 +42,7 @@ import httpx
 from ..config import CloudSection
 from ..logs import get_logger
 from .cloud import TokenSource
-from .delivery import Permanent, Transient, network_error, retry_after
+from .delivery import Permanent, Transient, network_error, response_text, retry_after
 
 log = get_logger("agent.sync.clips")
 
@@ -192,7 +192,8 @@ def _hash_file(path: Path) -> str:
 
 def _header_count(response: httpx.Response, name: str) -> int | None:
     value = response.headers.get(name, "").strip()
-    return int(value) if value.isdigit() and len(value) <= 15 else None
+    # isascii: isdigit() is true of '²' and other digits int() refuses
+    return int(value) if value.isascii() and value.isdigit() and len(value) <= 15 else None
 
 
 def _metadata_sha256(header: str) -> str | None:
@@ -201,7 +202,7 @@ def _metadata_sha256(header: str) -> str | None:
         if key == "sha256":
             try:
                 return base64.b64decode(value, validate=True).decode()
-            except (binascii.Error, UnicodeDecodeError):
+            except ValueError:  # binascii.Error, UnicodeDecodeError, and a non-ASCII value b64decode refuses
                 return None
     return None
 
@@ -209,9 +210,9 @@ def _metadata_sha256(header: str) -> str | None:
 def _brief(response: httpx.Response) -> str:
     """The error code and detail of a JSON error answer, else the start of its text."""
     try:
-        body = response.json()
-    except ValueError:
-        return response.text[:160]
+        body = json.loads(response.content)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, an integer too long, nested too deep
+        return response_text(response)[:160]
     if isinstance(body, dict):
         return f"{body.get('error')}: {body.get('detail')}"[:200]
     return str(body)[:160]
@@ -447,7 +448,20 @@ class ClipUploader:
         offset = _header_count(response, "Upload-Offset") if response.status_code == 200 else 0
         if offset is None or offset > size:
             raise Transient(f"{what}: HTTP 200 without a valid Upload-Offset for the existing upload")
-        return str(response.url.join(location)), offset
+        url = self._upload_url(response, location)
+        if url is None:  # kept and resumed at, with the bearer token: only ever on the cloud's own host
+            raise Transient(f"{what}: HTTP {response.status_code} with a Location not on the cloud: {location[:80]!r}")
+        return url, offset
+
+    def _upload_url(self, response: httpx.Response, location: str) -> str | None:
+        """The upload's absolute URL, if `location` is an http(s) URL on the cloud's host."""
+        try:
+            url = response.url.join(location)
+        except httpx.InvalidURL:
+            return None
+        if url.scheme not in ("http", "https") or url.host != httpx.URL(self._endpoint).host:
+            return None
+        return str(url)
 
     async def _head(self, run: _Run, url: str) -> _Remote:
         response = await self._send(run, "HEAD", url, {})
@@ -519,7 +533,7 @@ class ClipUploader:
             content: Any = body() if body is not None else None
             try:
                 response = await self._client.request(method, url, headers=full, content=content, timeout=TIMEOUT)
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL: a redirect to a bad Location
                 # httpx's own message is often empty for a dropped connection; the kind of error says enough.
                 raise Transient(f"{method} {url}: {network_error(exc).reason.rstrip(': ')}") from exc
             finally:

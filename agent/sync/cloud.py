@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import math
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -25,6 +26,7 @@ from .delivery import OutboxEvent, Result, Transient, Unauthorized, Verdict, jud
 log = get_logger("agent.sync.cloud")
 
 RENEW_BEFORE_S = 300.0
+DEFAULT_LIFETIME_S = 300.0  # a token's lifetime when the answer gives no usable expires_in
 EVENTS_BATCH = 200
 TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 
@@ -62,7 +64,7 @@ class TokenSource:
     async def _fetch(self) -> None:
         try:
             response = await self._client.post(self._url, data=self._form, timeout=TIMEOUT)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL: a redirect to a bad Location
             raise network_error(exc) from exc
         try:
             body = judge(response)
@@ -71,9 +73,22 @@ class TokenSource:
             raise Transient(f"token endpoint refused the client credentials: {exc}") from exc
         if not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
             raise Transient("token endpoint answered without an access_token")
-        lifetime = float(body.get("expires_in") or 300)
+        if not body["access_token"].isascii():  # it goes in a header, which httpx encodes as ASCII
+            raise Transient("token endpoint answered an unusable access_token")
+        lifetime = _lifetime(body.get("expires_in"))
         self._token = body["access_token"]
         self._renew_at = self._clock() + max(lifetime - RENEW_BEFORE_S, lifetime / 2)
+
+
+def _lifetime(value: Any) -> float:
+    """expires_in in seconds: DEFAULT_LIFETIME_S unless it is a finite positive number (or such a string)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return DEFAULT_LIFETIME_S
+    try:
+        seconds = float(value)
+    except (ValueError, OverflowError):  # "1h"; an integer too large for a float
+        return DEFAULT_LIFETIME_S
+    return seconds if math.isfinite(seconds) and seconds > 0 else DEFAULT_LIFETIME_S
 
 
 class CloudClient:
@@ -122,7 +137,7 @@ class CloudClient:
                 response = await self._client.request(
                     method, self._base + path, content=data or None, params=params, headers=headers, timeout=TIMEOUT
                 )
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL: a redirect to a bad Location
                 raise network_error(exc) from exc
             try:
                 return judge(response)
@@ -164,7 +179,8 @@ class CloudDestination:
         results = answer.get("results") if isinstance(answer, dict) else None
         if not isinstance(results, list):
             raise Transient("cloud answered /edge/events without results")
-        by_id = {r.get("event_id"): r for r in results if isinstance(r, dict)}
+        # A result whose event_id is not a string answers for no event (which is retried), and cannot be a key.
+        by_id = {r["event_id"]: r for r in results if isinstance(r, dict) and isinstance(r.get("event_id"), str)}
         out = []
         for event in events:
             r = by_id.get(event.event_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -94,18 +95,24 @@ class Destination(Protocol):
     async def aclose(self) -> None: ...
 
 
+MAX_RETRY_AFTER_S = 86_400.0  # a longer Retry-After is capped: the delay must stay waitable and storable
+
+
 def retry_after(response: httpx.Response) -> float | None:
+    """Retry-After in seconds, within 0 .. MAX_RETRY_AFTER_S; None when absent or unusable (nan, inf, garbage)."""
     value = response.headers.get("Retry-After")
     if value is None:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
-    except (TypeError, ValueError):
+        try:
+            seconds = (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds()
+        except (TypeError, ValueError, OverflowError):  # OverflowError: a year past datetime's
+            return None
+    if not math.isfinite(seconds):
         return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER_S)
 
 
 def judge(response: httpx.Response) -> dict[str, Any] | list[Any]:
@@ -119,7 +126,9 @@ def judge(response: httpx.Response) -> dict[str, Any] | list[Any]:
         raise Permanent(f"HTTP {status}: {_brief(response)}", status)
     try:
         body: dict[str, Any] | list[Any] = json.loads(response.content) if response.content else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    # ValueError covers JSONDecodeError, UnicodeDecodeError and an integer too long to convert; RecursionError
+    # a body nested deeper than the json module reads
+    except (ValueError, RecursionError) as exc:
         raise Transient(f"HTTP {status} with an unreadable body ({exc.__class__.__name__})") from exc
     if not isinstance(body, dict | list):
         raise Transient(f"HTTP {status} with an unexpected body: {str(body)[:80]}")
@@ -128,13 +137,23 @@ def judge(response: httpx.Response) -> dict[str, Any] | list[Any]:
 
 def _brief(response: httpx.Response) -> str:
     try:
-        doc = response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return response.text[:160]
+        doc = json.loads(response.content)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested too deep, an integer too long
+        return response_text(response)[:160]
     if isinstance(doc, dict):
         return str(doc.get("detail") or doc.get("error") or doc)[:160]
     return str(doc)[:160]
 
 
-def network_error(exc: httpx.HTTPError) -> Transient:
+def response_text(response: httpx.Response) -> str:
+    """The answer's text; as UTF-8 when its charset cannot decode it."""
+    try:
+        return response.text
+    # A charset naming a bytes-to-bytes codec (rot13, base64, hex, zlib) makes httpx raise TypeError or
+    # AssertionError (LookupError and ValueError for the rest of what a codec may do): read it as UTF-8 then.
+    except (TypeError, AssertionError, LookupError, ValueError):
+        return response.content.decode("utf-8", "replace")
+
+
+def network_error(exc: httpx.HTTPError | httpx.InvalidURL) -> Transient:
     return Transient(f"{exc.__class__.__name__}: {exc}"[:200])

@@ -66,7 +66,7 @@ from ..errors import AgentError, ConfigError, StoreError
 from ..logs import OnceLogger, get_logger
 from ..metrics import Metrics
 from ..store.db import Database
-from ..store.members import MemberRecord, PlanRecord, _bound_ms, _date_or_instant, _member_row
+from ..store.members import MAX_CREDITS, MemberRecord, PlanRecord, _bound_ms, _date_or_instant, _member_row
 from ..store.repo import new_id, to_ms
 from .cloud import CloudClient
 from .delivery import Permanent, Transient
@@ -293,7 +293,7 @@ class RecordReader:
         except ValueError as exc:
             raise _Fallback from exc
         credits = get("credits")
-        if credits is not None and (type(credits) is not int or credits < 0):
+        if credits is not None and (type(credits) is not int or not 0 <= credits <= MAX_CREDITS):
             raise _Fallback
         requires_credit = get("requires_credit")
         if requires_credit is not None and type(requires_credit) is not bool:

@@ -65,7 +65,7 @@ class ZiggyDestination:
             response = await self._client.request(
                 method, self._base + path, json=body, params=params, headers=headers, timeout=TIMEOUT
             )
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL: a redirect to a bad Location
             raise network_error(exc) from exc
         try:
             return judge(response)

@@ -244,7 +244,7 @@ class LocalApi:
             return error(413, "too_large", "the body is larger than 64 KiB")
         try:
             doc = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested deeper than json reads
             return error(400, "invalid_json", "the body is not JSON")
         try:
             return model.model_validate(doc)

@@ -2,7 +2,7 @@
 member pages, tus answers) as part of the suite, like test_fuzz_short.py runs the decoders': on hypothesis input,
 under atheris for a fixed number of runs (x86_64), and on the inputs each target keeps (REGRESSIONS). A bug a
 target found and that is not fixed yet (its KNOWN list) is a strict xfail here: it fails the day the fix lands,
-until the entry moves to REGRESSIONS.
+until the entry moves to the target's FIXED list, whose checks run here as plain regression tests.
 
 With HYPOTHESIS_PROFILE=fuzz (`make fuzz`) the hypothesis test runs the decoders' targets too, at that profile's
 count; test_fuzz_short.py runs them at its own fixed count either way."""
@@ -82,8 +82,16 @@ def test_target_on_kept_input(target: ModuleType, data: bytes) -> None:
     ],
 )
 def test_reported_bug_is_still_there(bug: _support.Known) -> None:
-    """Each reported bug, shown by its input. When this fails (XPASS), the bug is fixed: move its input from the
-    target's KNOWN to REGRESSIONS."""
+    """Each reported bug, shown by its input. When this fails (XPASS), the bug is fixed: move its entry from the
+    target's KNOWN to FIXED."""
+    bug.check(bug.data)
+
+
+@pytest.mark.parametrize(
+    "bug", [pytest.param(bug, id=f"{_name(t)}-{bug.name}") for t in TARGETS for bug in getattr(t, "FIXED", [])]
+)
+def test_fixed_bug_stays_fixed(bug: _support.Known) -> None:
+    """Each reported bug that was fixed (the target's FIXED list), shown by its input: it must not come back."""
     bug.check(bug.data)
 
 
