@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.installed
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PKGS := python3-venv python3-pip
 
-.PHONY: all demo test test-embedded test-mosquitto lint typecheck unit bench chaos deps system-deps test-deps fuzz clean
+.PHONY: all demo test test-embedded test-mosquitto lint typecheck unit bench soak chaos deps system-deps test-deps fuzz clean
 
 all: test
 
@@ -85,6 +85,11 @@ test-mosquitto: deps test-deps
 # Every benchmark, each with its peer side by side in the same run; writes BENCHMARKS.md (about 25 minutes).
 bench: deps test-deps
 	$(BIN)/python benchmarks/table.py
+
+# The agent under premises load for 30 minutes (SOAK_ARGS="--minutes 15" to shorten): memory, fds, tap latency and
+# outbox depth each minute, plotted to .artifacts/soak.png with a pass/fail summary.
+soak: deps test-deps
+	$(BIN)/python benchmarks/soak.py $(SOAK_ARGS)
 
 # Chaos (about 8 minutes, bounded to 20): the agent under premises load while every fault kind hits it in a seeded
 # random order (kills, cloud faults and an outage, a full and a read-only data disk, clock steps, a reader unplugged,
