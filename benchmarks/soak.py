@@ -19,14 +19,16 @@
 4. Every `--sample-s`: the agent's RSS (and its children's, separately), open fds (/proc/<pid>/fd), threads,
    tap latency p50/p99 over the interval, taps/s, outbox depth (pending deliveries plus events not yet queued,
    read from the agent's SQLite read-only; also every 5 s for the plot), CPU of the agent and of everything else.
-5. Load stops; the outbox must drain to zero (`--drain-timeout-s`); SIGTERM stops the agent (exit 0 expected).
+5. Load stops; the outbox must come back near zero (and is timed until empty) within `--drain-timeout-s`; SIGTERM
+   stops the agent (exit 0 expected).
 
 Verdict (the thresholds, and why, are next to their constants below): no growth trend (a least-squares slope over
 the second half, after warm-up and the outage, for RSS and fds), tap latency stable (each second-half interval's
 p99 within `--p99-factor` of the first half's median interval p99 and under the 20 ms budget), RSS under the
 150 MB budget, every tap answered, the outbox not growing (back near zero at least once in the last quarter) and
-drained after the load, no dead letters, the agent alive and stopping cleanly. The machine is shared: the CPU of
-other processes is sampled and reported with each interval, so that a latency excursion can be read against it.
+back near zero after the load, no dead letters, the agent alive and stopping cleanly. The machine is shared: the
+CPU of other processes is sampled and reported with each interval, so that a latency excursion can be read against
+it.
 
 Writes a 4-panel PNG (RSS, fds, latency with the budget, outbox depth; verdict in the title) to `--out` and the
 samples as JSON beside it; prints the samples as a table, then the summary, then as the very last line of stdout
@@ -250,6 +252,11 @@ def outbox_depth(db: Path, *, dead: bool = False) -> dict[str, int]:
             out["dead"] = int(conn.execute("SELECT COUNT(*) FROM deliveries WHERE state = 'dead'").fetchone()[0])
             out["seq"] = int(conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0])
     return out
+
+
+def total(metrics: dict[str, float], name: str) -> float:
+    """A counter summed over its labels."""
+    return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
 
 
 def calls(metrics: dict[str, float], integration: str) -> float:
@@ -496,6 +503,7 @@ class Sample:
     sandbox_rss_mb: float
     db_mb: float
     outage: bool
+    member_syncs: int  # member sync runs the agent finished in the interval (member_syncs_total, any result)
 
 
 class Sampler:
@@ -563,6 +571,9 @@ class Sampler:
         metrics = await tl.scrape_metrics(self.rig.setup.api_port)
         d99 = tl.histogram_quantile(self._metrics, metrics, "decision_seconds", 0.99) if metrics else None
         cloud_calls = calls(metrics, "cloud") - calls(self._metrics, "cloud") if metrics else 0.0
+        member_syncs = (
+            total(metrics, "member_syncs_total") - total(self._metrics, "member_syncs_total") if metrics else 0
+        )
         ziggy_calls = calls(metrics, "ziggy") - calls(self._metrics, "ziggy") if metrics else 0.0
         self._metrics = metrics or self._metrics
         seq, self._seq = depth["seq"] - self._seq, depth["seq"]
@@ -603,6 +614,7 @@ class Sampler:
             sandbox_rss_mb=sandbox_rss / MB,
             db_mb=db_bytes(self.rig.db_path) / MB,
             outage=self.in_outage(t_end - wall, t_end),
+            member_syncs=round(member_syncs),
         )
         self._taps_timeouts, self._taps_errors = timeouts, errors
         self.depths.append((t_end, depth["cloud"], depth["ziggy"]))
@@ -633,7 +645,7 @@ def sample_line(s: Sample) -> str:
     return (
         f"{s.t_s / 60:6.2f} min  RSS {s.rss_mb:6.1f} MB  fds {s.fds:4d}  taps/s {s.taps_per_s:5.1f}  "
         f"p50 {ms(s.p50_ms)}  p99 {ms(s.p99_ms)}  max {ms(s.max_ms)} ms  outbox {s.outbox:6d}  {cpu}"
-        f"{'  OUTAGE' if s.outage else ''}"
+        f"{'  OUTAGE' if s.outage else ''}{'  member sync' if s.member_syncs else ''}"
     )
 
 
@@ -649,6 +661,7 @@ class Run:
     total_s: float
     connect_s: float
     sync_s: float
+    near_zero_s: float | None  # seconds from the end of the load to a depth <= OUTBOX_NEAR_ZERO; None: not in time
     drain_s: float | None  # seconds from the end of the load to an empty outbox; None: not within the timeout
     outcomes: Counter[str]
     poll_errors: Counter[str]
@@ -765,13 +778,18 @@ async def soak(rig: Rig, agent_pid: int, sandbox_pid: int, args: argparse.Namesp
             for task in pending:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # Near zero is the verdict; empty is reported too (a last few rows may wait out a retry's backoff).
+            near_zero_s: float | None = None
             drain_s: float | None = None
             drain_deadline = load_end + args.drain_timeout_s
             while loop.time() < drain_deadline:
                 with contextlib.suppress(sqlite3.Error):
                     depth = await asyncio.to_thread(outbox_depth, rig.db_path)
                     sampler.depths.append((loop.time() - t0, depth["cloud"], depth["ziggy"]))
-                    if depth["cloud"] + depth["ziggy"] == 0:
+                    left = depth["cloud"] + depth["ziggy"]
+                    if near_zero_s is None and left <= OUTBOX_NEAR_ZERO:
+                        near_zero_s = loop.time() - load_end
+                    if left == 0:
                         drain_s = loop.time() - load_end
                         break
                 await asyncio.sleep(1.0)
@@ -789,6 +807,7 @@ async def soak(rig: Rig, agent_pid: int, sandbox_pid: int, args: argparse.Namesp
         total_s=total_s,
         connect_s=connect_s,
         sync_s=sync_s,
+        near_zero_s=near_zero_s,
         drain_s=drain_s,
         outcomes=load.taps.outcomes,
         poll_errors=sampler.poll_errors,
@@ -905,9 +924,11 @@ def judge(run: Run, args: argparse.Namespace, exit_code: int) -> Verdict:
             f"max {max(depth_late, default=0)}",
         ),
         Check(
-            f"outbox drained after the load (<= {args.drain_timeout_s:g} s)",
-            run.drain_s is not None,
-            f"in {run.drain_s:.1f} s" if run.drain_s is not None else f"{final.outbox} still pending",
+            f"outbox back to <= {OUTBOX_NEAR_ZERO} after the load (<= {args.drain_timeout_s:g} s)",
+            run.near_zero_s is not None,
+            (f"in {run.near_zero_s:.1f} s" if run.near_zero_s is not None else "not in time")
+            + "; empty "
+            + (f"in {run.drain_s:.1f} s" if run.drain_s is not None else f"not in time ({final.outbox} left)"),
         ),
         Check("no dead letters", final.dead == 0, f"{final.dead}"),
         Check("agent exits cleanly on SIGTERM", exit_code in (0, -signal.SIGTERM), f"exit {exit_code}"),
@@ -933,6 +954,8 @@ def sample_table(run: Run) -> Table:
     rows = [*run.samples, *([run.after_drain] if run.after_drain else [])]
     for i, s in enumerate(rows):
         note = "baseline" if i == 0 else ("after drain" if s is run.after_drain else ("outage" if s.outage else ""))
+        if i and s.member_syncs:
+            note = f"{note} member sync".strip()
         table.add_row(
             f"{s.t_s / 60:.2f}",
             f"{s.rss_mb:.1f}",
@@ -1039,8 +1062,10 @@ def summary_table(run: Run, args: argparse.Namespace, import_s: float, stop: tup
     )
     table.add_row(
         "outbox",
-        f"max depth {max((c + z for _, c, z in run.depths), default=0):,}; drained "
-        + (f"{run.drain_s:.1f} s after the load" if run.drain_s is not None else "NOT within the timeout")
+        f"max depth {max((c + z for _, c, z in run.depths), default=0):,}; after the load <= {OUTBOX_NEAR_ZERO} "
+        + (f"in {run.near_zero_s:.1f} s" if run.near_zero_s is not None else "NOT in time")
+        + ", empty "
+        + (f"in {run.drain_s:.1f} s" if run.drain_s is not None else "NOT in time")
         + f"; dead letters {(run.after_drain or last).dead}",
     )
     ev = statistics.median(s.events_per_s for s in intervals) if intervals else 0.0
@@ -1048,8 +1073,9 @@ def summary_table(run: Run, args: argparse.Namespace, import_s: float, stop: tup
     ziggy = statistics.median(s.ziggy_calls_per_s for s in intervals) if intervals else 0.0
     table.add_row(
         "outbox traffic (medians)",
-        f"{ev:.0f} events/s committed; cloud {cloud:.0f} calls/s (about {ev / cloud if cloud else math.nan:.1f} "
-        f"events each), Ziggy {ziggy:.0f} calls/s (one event each)",
+        f"{ev:.0f} events/s committed; cloud {cloud:.0f} calls/s"
+        + (f" (about {ev / cloud:.1f} events each)" if cloud else "")
+        + f", Ziggy {ziggy:.0f} calls/s (one event each)",
     )
     table.add_row(
         "outbox readings (read-only SQLite)",
@@ -1292,6 +1318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "fds_end": last.fds,
         "taps": len(run.load.all_latencies),
         "timeouts": run.load.taps.timeouts,
+        "near_zero_s": round(run.near_zero_s, 1) if run.near_zero_s is not None else None,
         "drain_s": round(run.drain_s, 1) if run.drain_s is not None else None,
         "outage_s": round(run.load.outage[1] - run.load.outage[0], 1) if len(run.load.outage) >= 2 else 0,
         "others_cores_median": round(statistics.median(s.others_cores for s in run.samples[1:]), 2),
