@@ -21,7 +21,7 @@ from .clock import Clock
 from .config import Config, DeviceConfig
 from .domain.decide import decide
 from .domain.messages import Language, bar_message, denial_message, message
-from .domain.model import Action, Court, Decision, Direction, Now, OpenSession, Policy, Reason
+from .domain.model import Action, Court, Decision, Direction, Instant, Now, OpenSession, Policy, Reason
 from .domain.sessions import duration_minutes, highlight_window, overdue
 from .errors import StoreError
 from .lan.payloads import ConsumptionItem
@@ -138,7 +138,12 @@ class AccessService:
             self._metrics.clock_corrections.inc(count)
 
     def _now(self, stamp: Stamp) -> Now:
-        return Now(wall=stamp.wall, trusted=stamp.clock_synced, last_trusted=self._last_trusted)
+        return Now(
+            wall=stamp.wall,
+            trusted=stamp.clock_synced,
+            last_trusted=self._last_trusted,
+            instant=Instant(stamp.mono_ns, stamp.boot_id),
+        )
 
     def _remember(self, device_id: str, msg_id: str | None, response: dict[str, Any]) -> None:
         if msg_id is None:
@@ -710,9 +715,9 @@ class AccessService:
         stamp = self._stamp()
         opened = await self._db.read(repo.open_sessions)
         late = overdue(
-            (OpenSession(s.session_id, s.member_id, s.court_id, s.started_at) for s in opened),
+            (OpenSession(s.session_id, s.member_id, s.court_id, s.started_at, s.started) for s in opened),
             self.courts,
-            stamp.wall,
+            self._now(stamp),
             self._default_max,
         )
         changed = set()

@@ -102,7 +102,7 @@ def decide(
         if direction is Direction.IN:
             if policy.second_tap is SecondTap.DENY:
                 return _deny(Reason.ALREADY_IN_SESSION, member, cache)
-            if now.wall - session.started_at < policy.second_tap_grace:
+            if now.since(session.started_at, session.started) < policy.second_tap_grace:
                 return _deny(Reason.ALREADY_IN_SESSION, member, cache)
         return Decision(
             granted=True,
@@ -135,7 +135,7 @@ def decide(
     if (
         policy.anti_passback
         and state.last_checkin_at is not None
-        and now.wall - state.last_checkin_at < policy.anti_passback
+        and now.since(state.last_checkin_at, state.last_checkin) < policy.anti_passback
     ):
         return _deny(Reason.ANTI_PASSBACK, member, cache)
 

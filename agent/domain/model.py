@@ -138,11 +138,20 @@ class Court:
 
 
 @dataclass(frozen=True, slots=True)
+class Instant:
+    """Monotonic time of a boot: elapsed time between two instants of one boot survives wall-clock steps."""
+
+    mono_ns: int
+    boot_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class OpenSession:
     session_id: str
     member_id: str
     court_id: str
     started_at: datetime
+    started: Instant | None = None  # when it opened, on the monotonic clock (None: unknown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +160,7 @@ class MemberState:
 
     open_session: OpenSession | None = None
     last_checkin_at: datetime | None = None
+    last_checkin: Instant | None = None  # `last_checkin_at` on the monotonic clock (None: unknown)
     pending_credits: int = 0  # sum of unconfirmed local ledger deltas (spending is negative)
 
 
@@ -165,6 +175,14 @@ class Now:
     wall: datetime  # timezone-aware UTC
     trusted: bool  # the clock was synced since boot
     last_trusted: datetime | None = None  # the latest trusted wall time ever recorded
+    instant: Instant | None = None  # the same moment on the monotonic clock
+
+    def since(self, wall: datetime, instant: Instant | None) -> timedelta:
+        """Time elapsed since an earlier moment: monotonic within one boot, so an NTP step does not change it;
+        wall-clock time across boots (the monotonic clock restarts with the box)."""
+        if instant is not None and self.instant is not None and instant.boot_id == self.instant.boot_id:
+            return timedelta(microseconds=(self.instant.mono_ns - instant.mono_ns) // 1000)
+        return self.wall - wall
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,21 +5,22 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 
-from .model import Court, OpenSession
+from .model import Court, Now, OpenSession
 
 HIGHLIGHT_PRE_ROLL = timedelta(seconds=10)
 HIGHLIGHT_DURATION = timedelta(seconds=30)
 
 
 def overdue(
-    sessions: Iterable[OpenSession], courts: Mapping[str, Court], now: datetime, default_max: timedelta
+    sessions: Iterable[OpenSession], courts: Mapping[str, Court], now: Now, default_max: timedelta
 ) -> list[OpenSession]:
-    """Sessions open longer than their court's maximum: nobody tapped out."""
+    """Sessions open longer than their court's maximum: nobody tapped out. Time on court is monotonic within a
+    boot, so an NTP step neither closes sessions early nor keeps them open longer."""
     out = []
     for session in sessions:
         court = courts.get(session.court_id)
         limit = court.max_session if court else default_max
-        if now - session.started_at >= limit:
+        if now.since(session.started_at, session.started) >= limit:
             out.append(session)
     return out
 

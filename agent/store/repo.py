@@ -13,7 +13,7 @@ from typing import Any
 
 from uuid6 import uuid7
 
-from ..domain.model import CacheInfo, Member, MemberState, MemberStatus, OpenSession, TimeWindow
+from ..domain.model import CacheInfo, Instant, Member, MemberState, MemberStatus, OpenSession, TimeWindow
 
 # Which destinations learn of which event type. Ziggy knows sessions and consumption; the cloud knows all.
 ROUTES: dict[str, tuple[str, ...]] = {
@@ -197,16 +197,37 @@ SELECT ml.version AS list_version, ml.synced_at AS list_synced_at, m.*,
        s.session_id AS open_session_id, s.court_id AS open_court_id, s.started_at AS open_started_at,
        (SELECT COALESCE(SUM(l.delta), 0) FROM credit_ledger l
          WHERE l.member_id = m.member_id AND l.confirmed = 0) AS pending_credits,
-       (SELECT MAX(x.started_at) FROM sessions x WHERE x.member_id = m.member_id) AS last_checkin_at
+       {open_instant} AS open_instant,
+       (SELECT MAX(x.started_at) FROM sessions x WHERE x.member_id = m.member_id) AS last_checkin_at,
+       {last_instant} AS last_checkin_instant
 FROM member_list ml
 LEFT JOIN {source}
 LEFT JOIN members m ON m.member_id = {member_ref}
 LEFT JOIN sessions s ON s.member_id = m.member_id AND s.ended_at IS NULL
 WHERE ml.id = 1
 """
-_BY_CARD = _LOOKUP_SQL.format(source="cards c ON c.card_id = ?", member_ref="c.member_id")
-_BY_CODE = _LOOKUP_SQL.format(source="members k ON k.member_code = ?", member_ref="k.member_id")
-_BY_ID = _LOOKUP_SQL.format(source="members k ON k.member_id = ?", member_ref="k.member_id")
+# When a session opened on the monotonic clock: its first event's (events_by_session holds seqs in order).
+_START_INSTANT = (
+    "(SELECT e.mono_ns || ' ' || e.boot_id FROM events e WHERE e.session_id = {session} ORDER BY e.seq LIMIT 1)"
+)
+_LOOKUP_INSTANTS = {
+    "open_instant": _START_INSTANT.format(session="s.session_id"),
+    "last_instant": _START_INSTANT.format(
+        session="(SELECT x.session_id FROM sessions x WHERE x.member_id = m.member_id ORDER BY x.started_at DESC"
+        " LIMIT 1)"
+    ),
+}
+_BY_CARD = _LOOKUP_SQL.format(source="cards c ON c.card_id = ?", member_ref="c.member_id", **_LOOKUP_INSTANTS)
+_BY_CODE = _LOOKUP_SQL.format(source="members k ON k.member_code = ?", member_ref="k.member_id", **_LOOKUP_INSTANTS)
+_BY_ID = _LOOKUP_SQL.format(source="members k ON k.member_id = ?", member_ref="k.member_id", **_LOOKUP_INSTANTS)
+
+
+def _instant(value: str | None) -> Instant | None:
+    """`mono_ns boot_id` as the start-instant subqueries give it."""
+    if not value:
+        return None
+    mono, _, boot = value.partition(" ")
+    return Instant(int(mono), boot)
 
 
 def _lookup_from_row(row: sqlite3.Row) -> Lookup:
@@ -224,10 +245,12 @@ def _lookup_from_row(row: sqlite3.Row) -> Lookup:
             member_id=member.member_id,
             court_id=row["open_court_id"],
             started_at=from_ms(row["open_started_at"]),
+            started=_instant(row["open_instant"]),
         )
     state = MemberState(
         open_session=open_session,
         last_checkin_at=from_ms(row["last_checkin_at"]) if row["last_checkin_at"] is not None else None,
+        last_checkin=_instant(row["last_checkin_instant"]),
         pending_credits=int(row["pending_credits"]),
     )
     return Lookup(member, state, cache)
@@ -293,16 +316,18 @@ class SessionView:
     court_id: str
     started_at: datetime
     credits_left: int | None
+    started: Instant | None = None  # `started_at` on the monotonic clock (None: unknown)
 
 
-_OPEN_SESSIONS_SQL = """
+_OPEN_SESSIONS_SQL = f"""
 SELECT s.session_id, s.member_id, s.court_id, s.started_at, m.first_name, m.credits,
+       {_START_INSTANT.format(session="s.session_id")} AS started_instant,
        (SELECT COALESCE(SUM(l.delta), 0) FROM credit_ledger l
          WHERE l.member_id = s.member_id AND l.confirmed = 0) AS pending
 FROM sessions s LEFT JOIN members m ON m.member_id = s.member_id
-WHERE s.ended_at IS NULL {where}
+WHERE s.ended_at IS NULL {{where}}
 ORDER BY s.started_at, s.session_id
-"""
+"""  # noqa: S608 - constant SQL
 
 
 def _session_view(row: sqlite3.Row) -> SessionView:
@@ -314,6 +339,7 @@ def _session_view(row: sqlite3.Row) -> SessionView:
         court_id=row["court_id"],
         started_at=from_ms(row["started_at"]),
         credits_left=None if credits is None else credits + int(row["pending"]),
+        started=_instant(row["started_instant"]),
     )
 
 

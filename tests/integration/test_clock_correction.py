@@ -123,3 +123,35 @@ async def test_stamps_of_an_earlier_boot_stay_marked_unsynced(premises_factory: 
     # its monotonic clock is gone: nothing can be computed, so nothing is invented
     assert await premises.rows("SELECT COUNT(*) FROM events WHERE clock_synced = 0") == [(2,)]
     assert await premises.rows("SELECT COUNT(*) FROM events WHERE type = 'clock.corrected'") == [(0,)]
+
+
+async def test_a_synced_clock_stepped_back_does_not_refuse_the_checkout(premises_factory: PremisesFactory) -> None:
+    """NTP steps a synced clock too (a bad server, a leap of the upstream). Two minutes on court are two minutes
+    whatever the wall clock says: the second tap checks out rather than being taken for a nervous double tap."""
+    clock = ManualClock(T0)
+    premises = await premises_factory(clock=clock)
+    async with premises.reader("r1") as reader:
+        assert (await reader.tap(ANA)).payload["action"] == "checkin"
+        clock.advance(seconds=120)
+        clock.jump_wall(-600)
+        assert (await reader.tap(ANA)).payload["action"] == "checkout"
+        clock.advance(seconds=5)
+        clock.jump_wall(3600)  # forward: a tap 5 s after check-in is still a double tap
+        assert (await reader.tap(BRUNO)).payload["action"] == "checkin"
+        clock.advance(seconds=5)
+        assert (await reader.tap(BRUNO)).payload["reason"] == "already_in_session"
+
+
+async def test_a_clock_step_neither_times_out_a_session_early_nor_late(premises_factory: PremisesFactory) -> None:
+    clock = ManualClock(T0)
+    premises = await premises_factory(clock=clock)
+    async with premises.reader("r1") as reader:
+        await reader.tap(ANA)
+    service = premises.agent.service
+    assert service is not None
+    clock.advance(seconds=60)
+    clock.jump_wall(timedelta(hours=5).total_seconds())
+    assert await service.sweep() == frozenset()  # one minute on court, whatever the wall clock says
+    clock.jump_wall(-timedelta(hours=8).total_seconds())
+    clock.advance(seconds=timedelta(minutes=120).total_seconds())  # the test config's session_max_minutes
+    assert await service.sweep() == frozenset({"c1"})

@@ -17,6 +17,7 @@ from agent.domain.model import (
     Court,
     Decision,
     Direction,
+    Instant,
     Member,
     MemberState,
     MemberStatus,
@@ -192,6 +193,47 @@ def test_grace_comes_from_the_policy() -> None:
     patient = Policy(second_tap_grace=timedelta(minutes=5))
     assert_denied(tap(member(), state=open_here, policy=patient), Reason.ALREADY_IN_SESSION)
     assert tap(member(), state=open_here).action is Action.CHECKOUT
+
+
+@pytest.mark.parametrize(
+    ("wall_age", "mono_age", "action"),
+    [
+        # The clock stepped back 10 min after check-in: two minutes on court is past the grace, checkout.
+        (timedelta(minutes=-8), timedelta(minutes=2), Action.CHECKOUT),
+        # The clock stepped forward 1 h: a nervous double tap 5 s later is still within the grace.
+        (timedelta(hours=1, seconds=5), timedelta(seconds=5), None),
+    ],
+)
+def test_grace_is_measured_on_the_monotonic_clock(
+    wall_age: timedelta, mono_age: timedelta, action: Action | None
+) -> None:
+    boot, mono_now = "boot-1", 7_200 * 10**9
+    started = Instant(mono_now - int(mono_age.total_seconds() * 1e9), boot)
+    opened = dataclasses.replace(session(started_at=T0 - wall_age), started=started)
+    now = dataclasses.replace(TRUSTED, instant=Instant(mono_now, boot))
+    decision = tap(member(), state=MemberState(open_session=opened), now=now)
+    if action is None:
+        assert_denied(decision, Reason.ALREADY_IN_SESSION)
+    else:
+        assert decision.action is action
+    # After a reboot the monotonic clock restarts: the wall clock is all there is.
+    rebooted = dataclasses.replace(now, instant=Instant(10**9, "boot-2"))
+    by_wall = tap(member(), state=MemberState(open_session=opened), now=rebooted)
+    if wall_age >= POLICY.second_tap_grace:
+        assert by_wall.action is Action.CHECKOUT
+    else:
+        assert_denied(by_wall, Reason.ALREADY_IN_SESSION)
+
+
+def test_anti_passback_is_measured_on_the_monotonic_clock() -> None:
+    boot, mono_now = "boot-1", 7_200 * 10**9
+    policy = Policy(anti_passback=timedelta(minutes=5))
+    # Checked out and back in 10 min later by the monotonic clock, though the wall clock stepped back 15 min.
+    state = MemberState(last_checkin_at=T0 + timedelta(minutes=5), last_checkin=Instant(mono_now - 600 * 10**9, boot))
+    now = dataclasses.replace(TRUSTED, instant=Instant(mono_now, boot))
+    assert tap(member(), state=state, now=now, policy=policy).action is Action.CHECKIN
+    too_soon = dataclasses.replace(state, last_checkin=Instant(mono_now - 60 * 10**9, boot))
+    assert_denied(tap(member(), state=too_soon, now=now, policy=policy), Reason.ANTI_PASSBACK)
 
 
 def test_second_tap_deny_policy_refuses_toggle_checkout() -> None:
