@@ -22,8 +22,9 @@
 5. Each clip: the wall time burned into its first frame against the wanted start (start_at = press - 10 s):
    start error = wanted start - first frame (>= 0: the pre-roll is all there; the stream-copy cut starts on a
    keyframe, up to one segment early); a clip whose first frame is more than one frame late missed its
-   pre-roll. Also its last frame against the wanted end, its duration (ffprobe: 30 s plus the lead-in), and
-   the sandbox's copy (tus, paced to `upload_kbps_open`, waited for within a bound) with a matching SHA-256.
+   pre-roll. Also its last frame against the wanted end (the stream copy lasts 30 s from its first frame, so it
+   ends as much before the wanted end as it starts early), its duration (ffprobe: 30 s), and the sandbox's copy
+   (tus, paced to `upload_kbps_open`, waited for within a bound) with a matching SHA-256.
 
 Budget (DESIGN 5): the recorder <= 2% of a core per camera (the median camera), every clip ready <= 22 s after
 its press. Prints tables; the very last line of stdout is one JSON object
@@ -230,7 +231,7 @@ class Press:
 
     @property
     def end_error_s(self) -> float | None:
-        """Last frame - wanted end (start + 30 s): >= 0 when the clip holds the whole post-roll."""
+        """Last frame - wanted end (start + 30 s): minus the lead-in for a stream copy (see the module docstring)."""
         if self.start_at is None or self.last_frame is None:
             return None
         return (

@@ -2,9 +2,11 @@
 
 ffmpeg's concat protocol reads the segments as one MPEG-TS stream; by default the streams are copied, not
 re-encoded, which costs a fraction of a second for 30 s of 720p. A copy can only start on a keyframe (an
-`inpoint` is not honoured with stream copy), so the clip starts at the first segment's first frame and only its
-tail is trimmed (`-t`) to end at `want_start + duration_s`. The clip therefore starts up to one segment early, and says
-by how much:
+`inpoint` is not honoured with stream copy), so the clip starts at the first segment's first frame, up to one
+segment before `want_start`, and only its tail is trimmed (`-t`). The window slides back with its start: the clip
+lasts `duration_s` from its first frame, so it ends as much before `want_start + duration_s` as it starts early
+(with keyframes on whole seconds and a whole-second duration, exactly on a segment boundary: the cut need not
+wait for one more segment to close). It says by how much it starts early:
 
     trim_start_s = want_start - start_at
 
@@ -94,9 +96,9 @@ async def cut_clip(
     if duration_s <= 0:
         raise ClipError(f"duration_s must be positive, got {duration_s}")
     first_start = segments[0].start
-    want_end = want_start + timedelta(seconds=duration_s)
     lead_s = (want_start - first_start).total_seconds()
     skip_s = max(0.0, lead_s) if reencode else 0.0
+    want_end = want_start + timedelta(seconds=duration_s - max(0.0, lead_s - skip_s))  # the slide (see above)
     start_at = first_start + timedelta(seconds=skip_s)
     length_s = (want_end - start_at).total_seconds()
     if length_s <= 0:

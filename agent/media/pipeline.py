@@ -50,6 +50,10 @@ log = get_logger("agent.media")
 
 CUT_POLL_S = 5.0  # the cutter looks for due highlights at least this often (a press wakes it at once)
 CLOSE_GRACE_S = 6.0  # beyond two segments, how long to wait for the segment covering a clip's end to close
+# A segment's wall times are stamped as ffmpeg reports each close, so a boundary that falls exactly on a clip's
+# end is seen a few milliseconds either side of it: a segment ending this close before the end still covers it
+# (the clip is then as much shorter; cut_clip accepts a shortfall up to SHORTFALL_TOLERANCE_S).
+END_SLACK_S = 0.2
 MAX_CUT_ATTEMPTS = 3
 CUT_RETRY_S = 5.0
 UPLOAD_POLL_S = 30.0
@@ -58,6 +62,31 @@ UPLOAD_BACKOFF_S = (5.0, 15.0, 60.0, 300.0)
 BUDGET_EVERY_S = 30.0
 EVICT_TO_PCT = 90.0  # evicting over the budget frees down to this share of it, not just to the line
 WORK_DIR = ".pins"  # under the ring directory: each cut's pinned segments, removed after the cut
+
+
+async def wait_footage(
+    recorder: RingRecorder, start: datetime, duration: timedelta, *, reencode: bool, within: float
+) -> tuple[datetime, list[Segment] | None]:
+    """Wait until the ring holds a clip of [start, start + duration]; the end waited for, and the segments that
+    cover it (None: not in the ring, or not within `within` s).
+
+    A stream copy starts on the keyframe before `start` and lasts `duration` from there (media/clips.py), so its
+    last segment is the one ending then: up to one segment sooner than the one covering `start + duration`.
+    "Lasts" is the segments' stream duration, not their wall-clock span: a camera whose clock runs slow by 1 %
+    would otherwise give a clip 0.3 s short."""
+    deadline = asyncio.get_running_loop().time() + within
+    limit = start + duration
+    head = None if reencode else recorder.covering(start, start)
+    end = limit if head is None else min(limit, head[0].start + duration - timedelta(seconds=END_SLACK_S))
+    while True:
+        await recorder.wait_closed_after(end, within=max(0.0, deadline - asyncio.get_running_loop().time()))
+        segments = recorder.covering(start, end)
+        if head is None or segments is None or end >= limit:
+            return end, segments
+        short_s = duration.total_seconds() - sum(s.duration_s for s in segments)
+        if short_s <= END_SLACK_S:
+            return end, segments
+        end = min(limit, segments[-1].end + timedelta(seconds=short_s))
 
 
 def _best_stretch(segments: Sequence[Segment], press: datetime) -> list[Segment]:
@@ -171,7 +200,9 @@ class ClipPipeline:
                 next_due: int | None = None
                 for row in rows:
                     highlight_id = str(row["highlight_id"])
-                    due = int(row["start_at"]) + int(row["duration_ms"])
+                    # The earliest a clip can be cut (a stream copy's window slides back up to one segment);
+                    # `_cut` waits for the exact segment from there.
+                    due = int(row["start_at"]) + int(row["duration_ms"]) - round(self._media.segment_s * 1000)
                     if highlight_id in self._in_flight:
                         continue
                     if due > now_ms:
@@ -201,10 +232,11 @@ class ClipPipeline:
             await self._missed(highlight_id, "no_footage", "the court has no camera configured any more")
             return
         start = repo.from_ms(int(row["start_at"]))
-        end = start + timedelta(milliseconds=int(row["duration_ms"]))
+        duration = timedelta(milliseconds=int(row["duration_ms"]))
         pressed = repo.from_ms(int(row["pressed_at"]))
-        await recorder.wait_closed_after(end, within=2 * recorder.segment_s + CLOSE_GRACE_S)
-        segments = recorder.covering(start, end) or _best_stretch(recorder.overlapping(start, end), pressed)
+        within = 2 * recorder.segment_s + CLOSE_GRACE_S
+        end, covering = await wait_footage(recorder, start, duration, reencode=self._media.reencode, within=within)
+        segments = covering or _best_stretch(recorder.overlapping(start, end), pressed)
         if not segments:
             why = "the camera was offline" if not recorder.online else "the footage is no longer in the ring"
             await self._missed(highlight_id, "no_footage", f"no footage for {start.isoformat()}: {why}")

@@ -20,6 +20,7 @@ import pytest
 
 from agent.media import clips, recorder
 from agent.media.clips import ClipError, cut_clip, probe
+from agent.media.pipeline import wait_footage
 from agent.media.recorder import RingRecorder, Segment
 from tests.cameras import SimulatedCamera, burned_times
 
@@ -75,9 +76,9 @@ async def cut_from_ring(
     rec: RingRecorder, start: datetime, duration_s: float, out: Path, *, reencode: bool = False
 ) -> clips.Clip:
     """What the highlight flow does: covering segments, pinned, cut, pins removed."""
-    end = start + timedelta(seconds=duration_s)
-    assert await rec.wait_closed_after(end, within=duration_s + 15)
-    segments = rec.covering(start, end)
+    end, segments = await wait_footage(
+        rec, start, timedelta(seconds=duration_s), reencode=reencode, within=duration_s + 15
+    )
     assert segments is not None, f"the ring covers {start}..{end}: {rec.segments()}"
     pins = out.parent / f"{out.stem}-pins"
     try:
@@ -95,19 +96,20 @@ async def test_thirty_second_clip_around_a_press(camera: SimulatedCamera, tmp_pa
         )
         await asyncio.sleep(random.uniform(0, segment_s))  # a press falls anywhere between two keyframes
         press = now()
-        start, end = press - timedelta(seconds=10), press + timedelta(seconds=20)
-        assert await rec.wait_closed_after(end, within=30)
+        start = press - timedelta(seconds=10)
+        await wait_footage(rec, start, timedelta(seconds=30), reencode=False, within=30)
         closed_s = (now() - press).total_seconds()
         clip = await cut_from_ring(rec, start, 30, tmp_path / "highlight.mp4")
         ready_s = (now() - press).total_seconds()
 
-    # The segment holding press + 20 s closes at the next keyframe past a segment boundary: up to segment_s
-    # later, plus the camera's latency and the cut itself.
+    # The clip starts on the keyframe before press - 10 s and lasts 30 s from there, so it ends as much before
+    # press + 20 s: on a segment boundary, whose segment closes as the next keyframe arrives (the camera's
+    # latency), then the cut.
     print(f"press to clip {ready_s:.2f} s (segment closed {closed_s:.2f}), trim_start_s {clip.trim_start_s:.3f}")
-    assert 20 < ready_s < 20 + segment_s + 1.5
     assert 0 <= clip.trim_start_s <= segment_s + 0.3, "starts at most one segment before press - 10 s"
+    assert 20 - clip.trim_start_s - 0.1 < ready_s < 20 - clip.trim_start_s + 1.5
     assert clip.start_at == press - timedelta(seconds=10 + clip.trim_start_s)
-    assert clip.duration_s == pytest.approx(30 + clip.trim_start_s, abs=0.15)
+    assert clip.duration_s == pytest.approx(30, abs=0.15)
 
     data = clip.path.read_bytes()
     assert clip.size == len(data)
@@ -122,14 +124,14 @@ async def test_thirty_second_clip_around_a_press(camera: SimulatedCamera, tmp_pa
     assert not any((tmp_path / "ring").iterdir())
 
     # What the frames themselves say: the first was made at start_at (less latency), so the clip holds the
-    # moment 10 s before the press; the last at press + 20 s.
+    # moment 10 s before the press; the last 30 s after the first.
     first = (await burned_times(clip.path, press, frames=1))[0]
     last = (await burned_times(clip.path, press, last_s=0.5))[-1]
     start_error = (clip.start_at - first).total_seconds()
     print(f"start error (indexed start - first frame's wall time) {start_error:.3f} s")
     assert -0.05 <= start_error <= LATENCY_BOUND_S
     assert first <= press - timedelta(seconds=10)
-    assert abs((last - (press + timedelta(seconds=20))).total_seconds()) <= LATENCY_BOUND_S
+    assert abs((last - (clip.start_at + timedelta(seconds=30))).total_seconds()) <= LATENCY_BOUND_S
 
 
 async def test_short_clips_stream_copy_and_frame_exact_reencode(camera: SimulatedCamera, tmp_path: Path) -> None:
@@ -140,10 +142,10 @@ async def test_short_clips_stream_copy_and_frame_exact_reencode(camera: Simulate
         copy = await cut_from_ring(rec, want, 1.5, tmp_path / "copy.mp4")
         exact = await cut_from_ring(rec, want, 1.5, tmp_path / "exact.mp4", reencode=True)
 
-    # Stream copy: from the keyframe that starts `base`, 0.4 s before the wanted start, to the wanted end.
+    # Stream copy: from the keyframe that starts `base`, 0.4 s before the wanted start, for the wanted length.
     assert copy.start_at == base.start
     assert copy.trim_start_s == pytest.approx(0.4)
-    assert copy.duration_s == pytest.approx(1.9, abs=2 * FRAME_S + 0.02)
+    assert copy.duration_s == pytest.approx(1.5, abs=2 * FRAME_S + 0.02)
     first = (await burned_times(copy.path, want, frames=1))[0]
     assert -0.05 <= (copy.start_at - first).total_seconds() <= LATENCY_BOUND_S
 
@@ -202,7 +204,7 @@ async def test_cut_errors_name_what_failed(
     out = tmp_path / "clip.mp4"
     clip = await cut_clip(ts_segments, start + timedelta(seconds=0.5), 1.0, out)
     assert clip.trim_start_s == 0.5
-    assert clip.duration_s == pytest.approx(1.5, abs=0.1)
+    assert clip.duration_s == pytest.approx(1.0, abs=0.1)
     out.unlink()
 
     with pytest.raises(ClipError, match="no segments"):
