@@ -29,7 +29,8 @@
 Budget (DESIGN 5): the recorder <= 2% of a core per camera (the median camera), every clip ready <= 22 s after
 its press. Prints tables; the very last line of stdout is one JSON object
 `{"bench": "clips", "cpu_pct_per_camera": ..., "press_to_clip_s_max": ..., "start_error_s_max": ...}` (and
-more). Exit 1 over budget, or when a clip is not ready, misses its pre-roll or does not reach the sandbox intact.
+more). Exit 1 over budget, or when a clip is not ready, misses its pre-roll, is not 30 s long or does not reach
+the sandbox intact.
 Every loop is bounded in count and time; the cameras and the agent are stopped on any exit, Ctrl-C included.
 """
 
@@ -78,6 +79,7 @@ SEGMENT_S = 1  # the ring's segment_s: one GOP
 BITRATE = "2M"
 PRE_ROLL_S = 10.0
 CLIP_S = 30.0
+LENGTH_TOLERANCE_S = 0.15
 FRAME_S = 1.0 / FPS
 API_CLIENT = "bench-desk"
 RECORDING_TIMEOUT_S = 60.0  # every camera online in the agent's device list
@@ -228,6 +230,11 @@ class Press:
         if self.start_at is None or self.first_frame is None:
             return None
         return (self.start_at - self.first_frame).total_seconds()
+
+    @property
+    def wrong_length(self) -> bool:
+        """ffprobe's duration is not CLIP_S, give or take LENGTH_TOLERANCE_S (a frame or two of rounding)."""
+        return self.duration_s is None or abs(self.duration_s - CLIP_S) > LENGTH_TOLERANCE_S
 
     @property
     def end_error_s(self) -> float | None:
@@ -418,6 +425,8 @@ async def inspect_clip(press: Press) -> None:
         press.duration_s = float(info["format"]["duration"])
     if press.missed_pre_roll:
         press.problems.append(f"missed the pre-roll: start error {press.start_error_s}")
+    if press.wrong_length:
+        press.problems.append(f"lasts {press.duration_s} s, not {CLIP_S:g} s")
 
 
 def sha256_of(path: Path) -> str:
@@ -615,13 +624,15 @@ def report(console: Console, r: Result) -> tuple[bool, dict[str, Any]]:
     uploaded = sum(p.uploaded and p.sha_ok for p in r.presses)
     ok_cpu = cpu_median is not None and cpu_median <= BUDGET_CPU_PCT
     ok_press = press_max is not None and press_max <= BUDGET_PRESS_TO_CLIP_S
-    ok_clips = bool(r.presses) and not pre_roll_missed and uploaded == len(r.presses)
+    wrong_length = sum(p.wrong_length for p in r.presses if p.clip_path is not None)
+    ok_clips = bool(r.presses) and not pre_roll_missed and not wrong_length and uploaded == len(r.presses)
     ok = ok_cpu and ok_press and ok_clips and r.agent_exit in (0, -signal.SIGTERM)
     console.print(
         f"budget recorder <= {BUDGET_CPU_PCT:g} % of a core per camera: {'PASS' if ok_cpu else 'FAIL'} "
         f"(median {fmt(cpu_median)}, max {fmt(cpu_max)}); press -> clip <= {BUDGET_PRESS_TO_CLIP_S:g} s: "
         f"{'PASS' if ok_press else 'FAIL'} (max {fmt(press_max)}, median {fmt(press_median)}); "
-        f"clips {len(ready)}/{len(r.presses)} ready, {pre_roll_missed} missed the pre-roll, {uploaded} uploaded "
+        f"clips {len(ready)}/{len(r.presses)} ready, {pre_roll_missed} missed the pre-roll, {wrong_length} not "
+        f"{CLIP_S:g} s long, {uploaded} uploaded "
         f"intact (waited {r.upload_wait_s:.0f} s); cameras recording {r.recording_s:.1f} s after start; "
         f"agent exit {r.agent_exit}; agent log: {r.log_events}",
         highlight=False,
@@ -636,6 +647,7 @@ def report(console: Console, r: Result) -> tuple[bool, dict[str, Any]]:
         "db_press_to_clip_s_max": rounded(max((p.db_ready_s for p in r.presses if p.db_ready_s), default=None), 2),
         "start_error_s_max": rounded(max(errors) if errors else None, 3),
         "pre_roll_missed": pre_roll_missed,
+        "wrong_length": wrong_length,
         "clips": len(ready),
         "presses": len(r.presses),
         "uploaded": uploaded,

@@ -246,7 +246,7 @@ class ClipPipeline:
         try:
             pinned = await asyncio.to_thread(recorder.pin, segments, work)
             clip = await cut_clip(
-                pinned, start, (end - start).total_seconds(), out, reencode=self._media.reencode, probe_audio=False
+                pinned, start, duration.total_seconds(), out, reencode=self._media.reencode, probe_audio=False
             )
         except (ClipError, RecorderError, OSError) as exc:
             attempts = int(row["clip_attempts"]) + 1

@@ -109,9 +109,7 @@ async def test_a_press_becomes_a_30_s_clip_with_its_pre_roll_uploaded_with_a_mat
     assert clip_start_at <= start_at + 40  # whole segments: the clip starts at or before the wanted start
     assert trim_start_s == pytest.approx((start_at - clip_start_at) / 1000, abs=0.002)
     info = await probe(Path(path))
-    # 30 s, less a few frames at most: the press falls 1 s into the recording, whose first segments can lack
-    # frames where the camera's timestamps jumped at the first RTCP report (cut_clip accepts 0.5 s short).
-    assert float(info["format"]["duration"]) == pytest.approx(30, abs=0.5)
+    assert float(info["format"]["duration"]) == pytest.approx(30, abs=0.15)  # 30 s from its first frame
     assert {s["codec_type"] for s in info["streams"]} >= {"video"}
     assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == sha256
     assert size == Path(path).stat().st_size
