@@ -99,7 +99,10 @@ MAX_RETRY_AFTER_S = 86_400.0  # a longer Retry-After is capped: the delay must s
 
 
 def retry_after(response: httpx.Response) -> float | None:
-    """Retry-After in seconds, within 0 .. MAX_RETRY_AFTER_S; None when absent or unusable (nan, inf, garbage)."""
+    """Retry-After in seconds, within 0 .. MAX_RETRY_AFTER_S; None when absent or unusable (nan, inf, garbage).
+
+    A date is on the server's clock: it is read against the answer's own `Date`, not against ours, which on a
+    Pi without an RTC may be hours behind until NTP syncs (and would turn "in 30 s" into the one-day cap)."""
     value = response.headers.get("Retry-After")
     if value is None:
         return None
@@ -107,12 +110,26 @@ def retry_after(response: httpx.Response) -> float | None:
         seconds = float(value)
     except ValueError:
         try:
-            seconds = (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds()
+            seconds = (parsedate_to_datetime(value) - _server_now(response)).total_seconds()
         except (TypeError, ValueError, OverflowError):  # OverflowError: a year past datetime's
             return None
     if not math.isfinite(seconds):
         return None
     return min(max(0.0, seconds), MAX_RETRY_AFTER_S)
+
+
+def _server_now(response: httpx.Response) -> datetime:
+    """When the server answered, by its `Date` header; by our clock when it sent none we can read."""
+    stamp = response.headers.get("Date")
+    if stamp is not None:
+        try:
+            when = parsedate_to_datetime(stamp)
+        except (TypeError, ValueError, OverflowError):
+            pass
+        else:
+            if when.tzinfo is not None:
+                return when
+    return datetime.now(UTC)
 
 
 def judge(response: httpx.Response) -> dict[str, Any] | list[Any]:

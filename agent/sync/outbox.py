@@ -12,6 +12,10 @@
   destination. A permanent refusal dead-letters that event with the reason; the rest goes on.
 - Timers never depend on new writes arriving: an idle worker sleeps until the earliest retry is due, or until
   `notify()` says new events were committed (a notice during a round is kept for the next one).
+- Retry delays are elapsed time, though rows keep them as wall ms (`next_attempt_at`: the due queries stay one
+  index range, and status and `repo.destination_busy` read it as wall time). A Pi has no RTC and NTP may step
+  its wall clock by hours: when wall minus monotonic time moves, the rows waiting for a retry move with it
+  (`_Timeline`), so a backward step does not hold them (and every later event of their sessions) back.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiosqlite
+
+from ..clock import boot_id as current_boot_id
 from ..errors import StoreError
 from ..logs import OnceLogger, get_logger
 from ..loop import check_cancelled
@@ -34,6 +41,7 @@ from ..store import repo
 from ..store.db import Database
 from .breaker import CircuitBreaker
 from .delivery import Destination, OutboxEvent, Result, Transient, Verdict
+from .status import known_destinations
 
 log = get_logger("agent.sync.outbox")
 
@@ -44,6 +52,11 @@ IDLE_MAX_S = 30.0
 LATENCY_WINDOW = 20  # calls remembered per destination for the median latency
 QUEUE_CHUNK = 1000  # seqs given delivery rows per write: a decision queued behind it waits for ~2 ms at most
 QUEUE_CHUNKS_PER_ROUND = 50  # then a batch is sent: a long unqueued stretch never holds deliveries back
+# Wall minus monotonic time moves only when the wall clock is set: NTP slews both clocks alike, and reading the
+# two is not atomic (a preempted read costs milliseconds). A step smaller than this is left alone: a retry
+# early or late by two seconds at most.
+STEP_TOLERANCE_MS = 2000
+CLOCK_REFERENCE_KEY = "outbox.clock_reference"  # in kv: the boot and wall-minus-monotonic offset rows follow
 
 _COLUMNS = (
     "d.seq, e.event_id, e.type, e.occurred_at, e.mono_ns, e.boot_id, e.clock_synced, e.session_id, e.device_id,"
@@ -122,6 +135,119 @@ class _Pace:
             await asyncio.sleep(-self._tokens / self.per_s)
 
 
+class _Timeline:
+    """The wall clock the retry schedule is written in, kept measuring elapsed time across wall clock steps.
+
+    The schedule follows one offset, wall minus monotonic time, kept in kv with the boot it belongs to. When
+    the offset moves by more than STEP_TOLERANCE_MS (the wall clock was set), every pending row scheduled past
+    the present moves by as much, in the transaction that records the new offset: a crash rebases all or none,
+    and once only. The workers share it, so one of them moves the rows of every destination, once a step.
+
+    Kept in the database, not only in memory: an agent restarted within the same boot still knows the offset its
+    rows were scheduled with, and rebases them for a step taken while it was stopped. A new boot has no such
+    link (monotonic time restarts, and the wall clock may be anything until NTP): a row still waiting then is due
+    at once, rather than left in a timeline that a later step would move the wrong way."""
+
+    def __init__(self, db: Database, wall_ms: Callable[[], int], mono_ms: Callable[[], int], boot: str) -> None:
+        self._db = db
+        self._wall_ms, self._mono_ms = wall_ms, mono_ms
+        self._boot = boot
+        self._offset: int | None = None  # wall - monotonic ms of the schedule; None until read from the store
+        self._lock = asyncio.Lock()
+        self.shifted_ms = 0  # the sum of the steps the rows were moved by
+        self.steps = 0
+
+    def _moved(self, wall: int, mono: int) -> bool:
+        return self._offset is None or abs(wall - mono - self._offset) > STEP_TOLERANCE_MS
+
+    async def now(self) -> int:
+        """Wall ms now, once the schedule agrees with the wall clock. Yields only on first use and after a step."""
+        wall = self._wall_ms()
+        if not self._moved(wall, self._mono_ms()):
+            return wall
+        async with self._lock:
+            wall, mono = self._wall_ms(), self._mono_ms()  # again: the worker we waited for may have rebased
+            if self._offset is None:
+                await self._resume(wall, mono)
+            elif self._moved(wall, mono):
+                await self._rebase(wall, wall - mono - self._offset, wall - mono)
+            return wall
+
+    async def _resume(self, wall: int, mono: int) -> None:
+        row = await self._db.fetchone("SELECT value FROM kv WHERE key = ?", (CLOCK_REFERENCE_KEY,))
+        ref = _reference(row[0] if row is not None else None)
+        if ref is not None and ref[0] == self._boot:
+            delta = wall - mono - ref[1]
+            if abs(delta) > STEP_TOLERANCE_MS:  # stepped while the agent was stopped
+                await self._rebase(wall, delta, wall - mono)
+            else:
+                self._offset = ref[1]
+            return
+        # Another boot, or no reference (the first start of this version, a recovered store): rows scheduled
+        # in the future are in a timeline we cannot place.
+        why = "no reference" if ref is None else "new boot"
+        names = await known_destinations(self._db)
+        reset: dict[str, int] = {}
+        async with self._db.transaction("restarting the retry schedule", notify=False) as conn:
+            for name in names:
+                cursor = await conn.execute(
+                    "UPDATE deliveries SET next_attempt_at = ?"
+                    " WHERE destination = ? AND state = 'pending' AND next_attempt_at > ?",
+                    (wall, name, wall),
+                )
+                reset[name] = cursor.rowcount
+                await cursor.close()
+            await _save_reference(conn, self._boot, wall - mono)
+        self._offset = wall - mono
+        for name, rows in reset.items():
+            if rows:
+                log.info("outbox_schedule_restarted", destination=name, rows=rows, reason=why)
+
+    async def _rebase(self, wall: int, delta: int, offset: int) -> None:
+        # Rows due by either clock stay due when moved, so only those past the earlier of the two "now"s need
+        # moving: after a backward step those between the new now and the old one too (due, yet in the future
+        # by the new clock). One range of the deliveries_pending index per destination.
+        since = min(wall, wall - delta)
+        names = await known_destinations(self._db)
+        moved: dict[str, int] = {}
+        async with self._db.transaction("rebasing the retry schedule", notify=False) as conn:
+            for name in names:
+                # first_attempt_at moves too: Ziggy's "tried more than a day ago" is elapsed time as well.
+                cursor = await conn.execute(
+                    "UPDATE deliveries SET next_attempt_at = next_attempt_at + ?,"
+                    " first_attempt_at = first_attempt_at + ?"
+                    " WHERE destination = ? AND state = 'pending' AND next_attempt_at > ?",
+                    (delta, delta, name, since),
+                )
+                moved[name] = cursor.rowcount
+                await cursor.close()
+            await _save_reference(conn, self._boot, offset)
+        # Nothing yields between the commit and here: a worker never sees the rows moved and the offset not.
+        self._offset = offset
+        self.shifted_ms += delta
+        self.steps += 1
+        for name in names:
+            log.info("outbox_clock_step", destination=name, delta_s=round(delta / 1000, 3), rows=moved[name])
+
+
+def _reference(value: str | None) -> tuple[str, int] | None:
+    """(boot id, offset ms) from its kv value; None when absent or unreadable (as after a new boot)."""
+    if value is None:
+        return None
+    try:
+        doc = json.loads(value)
+        return str(doc["boot_id"]), int(doc["offset_ms"])
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+async def _save_reference(conn: aiosqlite.Connection, boot: str, offset: int) -> None:
+    await conn.execute(
+        "INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)",
+        (CLOCK_REFERENCE_KEY, json.dumps({"boot_id": boot, "offset_ms": offset})),
+    )
+
+
 class Outbox:
     def __init__(
         self,
@@ -129,6 +255,8 @@ class Outbox:
         destinations: Sequence[Destination],
         *,
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        mono_ms: Callable[[], int] = lambda: time.monotonic_ns() // 1_000_000,
+        boot_id: str | None = None,
         replay_per_s: float = REPLAY_PER_S,
         backoff_base_s: float = BACKOFF_BASE_S,
         backoff_cap_s: float = BACKOFF_CAP_S,
@@ -137,6 +265,7 @@ class Outbox:
     ) -> None:
         self._db = db
         self._wall_ms = wall_ms
+        self._timeline = _Timeline(db, wall_ms, mono_ms, current_boot_id() if boot_id is None else boot_id)
         self.workers = [
             _Worker(
                 self,
@@ -148,6 +277,11 @@ class Outbox:
             )
             for d in destinations
         ]
+
+    @property
+    def clock_steps(self) -> int:
+        """Wall clock steps the retry schedule was moved for, since this outbox started."""
+        return self._timeline.steps
 
     def statuses(self) -> dict[str, WorkerStatus]:
         """Each worker's status by destination, its breaker as it stands now."""
@@ -265,7 +399,7 @@ class _Worker:
         return False
 
     async def _due(self) -> list[OutboxEvent]:
-        now = self.outbox._wall_ms()
+        now = await self.outbox._timeline.now()
         size = self.destination.batch_size
         dest = self.destination.name
         relaxed = (dest, now, dest, now)  # the relaxed query checks `now` twice
@@ -290,9 +424,14 @@ class _Worker:
 
     async def _record(self, batch: list[OutboxEvent], results: list[Result], retry_after_s: float | None) -> None:
         tried = {e.seq: e.attempts for e in batch}
-        now = self.outbox._wall_ms()
+        timeline = self.outbox._timeline
+        now = await timeline.now()
+        shifted = timeline.shifted_ms
         dest = self.destination.name
         async with self._db.transaction("recording deliveries", notify=False) as conn:
+            # A rebase committed while this transaction waited for the writer: our `now` is on the old wall
+            # clock, and the rows written below must not be; no rebase can run until we commit.
+            now += timeline.shifted_ms - shifted
             for r in results:
                 if r.verdict is Verdict.DELIVERED:
                     await conn.execute(
@@ -337,7 +476,7 @@ class _Worker:
             (self.destination.name,),
         )
         due = row[0] if row and row[0] is not None else None
-        wait = IDLE_MAX_S if due is None else max(0.0, (due - self.outbox._wall_ms()) / 1000)
+        wait = IDLE_MAX_S if due is None else max(0.0, (due - await self.outbox._timeline.now()) / 1000)
         await self._sleep(min(wait, IDLE_MAX_S))
 
     async def _sleep(self, seconds: float) -> None:

@@ -133,7 +133,11 @@ class ZiggyDestination:
         )
         if earlier is not None:
             raise Wait(f"waiting for Ziggy to hear of {data['member_id']}'s previous session (event {earlier[0]})")
-        stale = event.first_attempt_at is not None and self._wall_ms() - event.first_attempt_at > KEY_MEMORY_MS
+        # A first attempt stamped after now: the wall clock went back since (the outbox moves the stamps of the
+        # rows it reschedules, not of those already due), by an unknown amount. Asking costs one call; a key
+        # Ziggy forgot, a second session.
+        first = event.first_attempt_at
+        stale = first is not None and not 0 <= self._wall_ms() - first <= KEY_MEMORY_MS
         if stale:
             known = await self._active_for(data["member_id"], data["court_id"], event.session_id)
             if known is not None:
