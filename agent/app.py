@@ -96,6 +96,9 @@ class BrokerEvents:
     def rejected(self, reason: str, client: str) -> None:
         self._metrics.rejected.labels("mqtt", reason).inc()
 
+    def throttled(self, client: str) -> None:
+        self._metrics.mqtt_throttled.inc()
+
 
 class Agent:
     """`await Agent(config).run()` serves until cancelled; `ready` is set once devices can be answered."""

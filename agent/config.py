@@ -145,6 +145,13 @@ class BrokerSection(_Model):
     max_packet_bytes: int = Field(default=65536, ge=1024, le=268435455)
     max_queued_messages: int = Field(default=1000, ge=1, le=1_000_000)  # per offline persistent session
     persist: bool = True  # retained messages and persistent sessions survive a restart (data_dir/broker.db)
+    # Inbound PUBLISH limit per device account, a token bucket (as EMQX's messages_rate): over it, the broker takes
+    # the device's next publishes only as tokens come, and stops reading its socket, so TCP slows the device
+    # itself; nothing is dropped and the connection stays. The agent's own client is never limited. 20/s is 10x
+    # policy.scan_rate_per_s and 4x the premises benchmark's devices; the burst covers a reconnect's replay (a
+    # standalone bridge queues up to 256). Embedded mode only. 0: no limit.
+    publish_rate_per_s: float = Field(default=20.0, ge=0, le=100_000)
+    publish_burst: int = Field(default=300, ge=1, le=1_000_000)
     # external mode: where the site's broker listens; the agent logs in as "agent" with secrets' broker_password
     external_host: str = "127.0.0.1"
     external_port: int = Field(default=1883, ge=1, le=65535)

@@ -53,6 +53,11 @@ class Metrics:
             "member_sync_records_total", "Records of applied member syncs", ["kind"], registry=r
         )
         self.mqtt_connected = Gauge("mqtt_connected", "The agent's own MQTT client is connected", registry=r)
+        self.mqtt_throttled = Counter(
+            "mqtt_publishes_throttled_total",
+            "Device PUBLISH packets the embedded broker held back for the device's rate (broker.publish_rate_per_s)",
+            registry=r,
+        )
         self.queue_depth = Gauge("decision_queue_depth", "Messages waiting for the decision worker", registry=r)
         self.events_pruned = Counter("events_pruned_total", "Events pruned from the log by retention", registry=r)
         self.pull_feed_events = Counter("pull_feed_events_total", "Events served by the cloud's pull feed", registry=r)

@@ -1216,7 +1216,9 @@ def serve_embedded(path: Path) -> int:
             loop.add_signal_handler(sig, stop.set)
         directory = DeviceDirectory(devices, agent_password=data["agent_password"])
         try:
-            async with EmbeddedBroker(BrokerSection(host=HOST, port=0), directory) as broker:
+            # No per-device publish limit: the saturation phase publishes flat out from reader accounts, and
+            # mosquitto, the peer, has none (the premises load stays far below the default 20/s anyway).
+            async with EmbeddedBroker(BrokerSection(host=HOST, port=0, publish_rate_per_s=0), directory) as broker:
                 print(f"READY {broker.port}", flush=True)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), SERVE_MAX_S)

@@ -29,6 +29,10 @@ Found while fixing those, and fixed as well:
 - a client that sent DISCONNECT right after CONNECT could have its will published (a race in the waiter);
 - the websocket writer lost what was written while a frame was being sent.
 
+Added: a per-device inbound rate limit with TCP backpressure, as EMQX's `messages_rate` (broker.publish_rate_per_s),
+so that a flooding device slows itself down instead of the broker and the agent: `PublishBucket`,
+`AgentHandler._hold`; tested in tests/integration/test_broker_rate_limit.py (mosquitto has no such limit).
+
 Speed (benchmarks/broker.py): amqtt made a task per packet received, a wait_for per read, a task and a future per
 delivery, a task per ACL check and per plugin event, and passed each message through two queues. Here the TCP
 transport hands bytes to a parser that handles PUBLISH, PUBACK and PINGREQ inline, routing is a synchronous
@@ -48,7 +52,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast, runtime_checkable
 
 from amqtt.adapters import (
     BufferReader,
@@ -75,6 +79,7 @@ from amqtt.mqtt.pubrel import PubrelPacket
 from amqtt.session import OUTGOING, ApplicationMessage, OutgoingApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
+from ..config import AGENT_USERNAME
 from ..logs import OnceLogger, get_logger
 from .auth import DeviceDirectory
 from .broker_state import BrokerState
@@ -91,6 +96,10 @@ ACK_TIMEOUT_S = 30.0
 WATCHDOG_S = 5.0
 MAX_WRITE_BUFFER = 1 << 20  # bytes queued to one client before it is cut as a reader that reads nothing
 KEEPALIVE_GRACE = 1.5  # MQTT-3.1.2-24: disconnect after 1.5 x the client's keepalive without a packet
+# While a rate-limited device's publishes wait, the broker reads on until this much of it is buffered (and answers
+# the PUBACKs and PINGREQs in it), then leaves the rest in the socket: TCP then slows the device itself.
+THROTTLE_BUFFER = 16 * 1024
+_TIMER_SLACK_S = 0.001  # a timer may fire a hair early: wake just after the token is there
 _MATCH_CACHE_LIMIT = 4096
 
 
@@ -99,6 +108,7 @@ class PacketTooLarge(MQTTError):  # type: ignore[misc]  # amqtt ships no type in
 
 
 Route = Callable[["AgentHandler", str, bytes, int, bool], None]  # (handler, topic, payload, qos, retain)
+Throttled = Callable[["AgentHandler", bool], None]  # (handler, first publish held in this episode)
 
 
 class BrokerHooks(Protocol):
@@ -109,6 +119,35 @@ class BrokerHooks(Protocol):
     def client_disconnected(self, session: Session, how: str) -> None: ...
 
     def rejected(self, reason: str, client: str) -> None: ...
+
+
+@runtime_checkable
+class ThrottleHooks(Protocol):
+    """Optional beside `BrokerHooks`: a PUBLISH from `client` had to wait for its device's rate limit."""
+
+    def throttled(self, client: str) -> None: ...
+
+
+class PublishBucket:
+    """A token bucket for one device's PUBLISH packets: `rate` a second sustained, `burst` at once."""
+
+    __slots__ = ("_at", "_burst", "_rate", "_tokens")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._at = now
+
+    def take(self, now: float) -> float:
+        """Take a token and return 0.0, or take nothing and return how long until there is one."""
+        if now > self._at:
+            self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+            self._at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return 0.0
+        return (1.0 - self._tokens) / self._rate + _TIMER_SLACK_S
 
 
 class PacketSizeGuard(ReaderAdapter):  # type: ignore[misc]
@@ -213,6 +252,7 @@ class AgentHandler(BrokerProtocolHandler):  # type: ignore[misc]
         route: Route,
         max_packet: int,
         corked: Cork,
+        on_throttled: Throttled,
     ) -> None:
         super().__init__(plugins_manager, loop=loop)
         self._pending: list[bytes] = []
@@ -229,6 +269,16 @@ class AgentHandler(BrokerProtocolHandler):  # type: ignore[misc]
         self._ack_first: int | None = None
         self._ack_since = 0.0
         self._flushing = False
+        # The device's inbound rate limit (see `_hold`); None: not limited (the agent's own clients).
+        self.bucket: PublishBucket | None = None
+        self._on_throttled = on_throttled
+        self._release_at: asyncio.TimerHandle | None = None  # TCP: when the publish at the head of _rx may go
+        self._throttled_since: float | None = None  # start of this throttle episode
+        self._held = 0  # publishes that had to wait in this episode
+        self._waiting = False  # the publish now waiting has been counted
+        self._paused_at: float | None = None  # since when the broker has not been reading this client
+        self._ahead = 0  # the PUBACKs and PINGREQs of _rx[:_ahead] have been handled (see `_look_ahead`)
+        self._eof_pending = False  # the client half-closed behind publishes that still wait
 
     # -- the hot path (see the module docstring) --------------------------------------------------------------
     #
@@ -256,8 +306,7 @@ class AgentHandler(BrokerProtocolHandler):  # type: ignore[misc]
         except (asyncio.IncompleteReadError, ConnectionError, NoDataError, asyncio.CancelledError):
             pass
         finally:
-            if self._timer is not None:
-                self._timer.cancel()
+            self._cancel_timers()
         await self.handle_connection_closed()
         self._reader_stopped.set()
         await self.stop()
@@ -269,9 +318,10 @@ class AgentHandler(BrokerProtocolHandler):  # type: ignore[misc]
         self._rx = bytearray(buffered)
         buffered.clear()
         protocol.push, protocol.push_eof = self._feed, self._eof
+        self._parse()
+        self._flow()
         if stream.at_eof():
             self._eof()
-        self._parse()
         while True:
             item = await self._slow.get()
             if item is None:
@@ -284,37 +334,167 @@ class AgentHandler(BrokerProtocolHandler):  # type: ignore[misc]
         self._rx += data
         self._rx_at = self._loop.time()
         try:
-            self._parse()
+            if self._release_at is None:
+                self._parse()
+            else:
+                self._look_ahead()
+            if self._release_at is not None or self._paused_at is not None:
+                self._flow()
         except _Violation as exc:
-            self._rx.clear()
-            self._slow.put_nowait(exc)
-            self.abort("protocol")
+            self._violated(exc)
+
+    def _violated(self, exc: _Violation) -> None:
+        self._rx.clear()
+        self._slow.put_nowait(exc)
+        self.abort("protocol")
 
     def _eof(self) -> None:
+        transport = _transport(self.writer)
+        if self._release_at is not None and transport is not None and not transport.is_closing():
+            # Half-closed behind publishes that wait for the rate limit: they were sent before the FIN, and the
+            # connection can still carry their PUBACKs. The end comes when they are taken (`_unthrottled`).
+            self._eof_pending = True
+            return
         self._slow.put_nowait(None)
 
     def _parse(self) -> None:
         buf, pos, end = self._rx, 0, len(self._rx)
-        while end - pos >= 2:
-            first, byte = buf[pos], buf[pos + 1]
-            length, shift, i = byte & 0x7F, 7, pos + 2
-            while byte & 0x80:
-                if i >= end:
-                    break
-                if shift > 21:
-                    raise _Violation("malformed remaining length")
-                byte = buf[i]
-                length |= (byte & 0x7F) << shift
-                shift += 7
-                i += 1
-            if byte & 0x80:
-                break  # the length prefix is not complete yet
+        bucket = self.bucket
+        now = self._loop.time() if bucket is not None else 0.0
+        while (frame := _frame(buf, pos)) is not None:
+            i, length = frame
             self._check_size(length)
             if end - i < length:
                 break
+            first = buf[pos]
+            if bucket is not None and first >> 4 == 3:
+                wait = bucket.take(now)
+                if wait:
+                    del buf[:pos]
+                    self._ahead = max(0, self._ahead - pos)
+                    self._hold(wait)
+                    return
+                self._waiting = False
             pos = i + length
             self._dispatch(first, bytes(buf[i:pos]))
         del buf[:pos]
+        if self._throttled_since is not None:
+            self._unthrottled()
+
+    # -- the inbound rate limit --------------------------------------------------------------------------------
+    #
+    # A device over its bucket (broker.publish_rate_per_s) is not cut and loses nothing: its next PUBLISH, and
+    # everything after it, waits in _rx until the bucket has a token (`_release`), so its PUBACKs come late and a
+    # QoS 1 client, bounded by its window, slows down. The broker reads on, answering PUBACKs and PINGREQs
+    # (`_look_ahead`), until THROTTLE_BUFFER bytes wait; then it stops reading the socket and TCP pushes back on
+    # a client that does not wait for PUBACKs (QoS 0). The time its bytes wait on the broker counts against
+    # neither its keepalive nor its acknowledgements (`_tick`).
+
+    def _hold(self, wait: float) -> None:
+        """The publish at the head of _rx waits `wait` s for the device's bucket."""
+        self._note_held()
+        self._release_at = self._loop.call_later(wait, self._release)
+        self._look_ahead()
+
+    def _note_held(self) -> None:
+        if self._waiting:
+            return  # the same publish again (the bucket was shared, or the timer early)
+        self._waiting = True
+        first = self._throttled_since is None
+        if first:
+            self._throttled_since, self._held = self._loop.time(), 0
+        self._held += 1
+        self._on_throttled(self, first)
+
+    def _release(self) -> None:
+        self._release_at = None
+        if self.closing:
+            return
+        try:
+            self._parse()
+            self._flow()
+        except _Violation as exc:
+            self._violated(exc)
+
+    def _unthrottled(self) -> None:
+        """The episode is over: every publish the device sent has been taken."""
+        now = self._loop.time()
+        since = self._throttled_since if self._throttled_since is not None else now
+        log.debug(
+            "mqtt_client_throttle_ended", client=self.session.client_id, seconds=round(now - since, 3), held=self._held
+        )
+        self._throttled_since = None
+        self._rx_at = now  # its keepalive counts from here
+        self._ahead = 0
+        if self._eof_pending:
+            self._eof_pending = False
+            self._slow.put_nowait(None)
+
+    def _look_ahead(self) -> None:
+        """Handle the PUBACKs and PINGREQs behind the waiting publish now: they are not rate-limited, and a client
+        must neither be cut for acknowledging late nor miss its PINGRESP. Everything else keeps its order."""
+        buf, pos = self._rx, self._ahead
+        while (frame := _frame(buf, pos)) is not None:
+            start, length = frame
+            self._check_size(length)
+            end = start + length
+            if end > len(buf):
+                break
+            first = buf[pos]
+            if first >> 4 in (4, 12):  # PUBACK, PINGREQ
+                self._dispatch(first, bytes(buf[start:end]))
+                del buf[pos:end]
+            else:
+                pos = end
+        self._ahead = pos
+
+    def _flow(self) -> None:
+        """Read this client while less than THROTTLE_BUFFER of it waits; past that, leave it in the socket."""
+        hold = self._release_at is not None and len(self._rx) >= THROTTLE_BUFFER
+        if hold == (self._paused_at is not None):
+            return
+        transport = _read_transport(self.writer)
+        if transport is None or transport.is_closing():
+            return
+        if hold:
+            transport.pause_reading()
+            self._paused_at = self._loop.time()
+        else:
+            transport.resume_reading()
+            self._unpaused()
+
+    def _unpaused(self) -> None:
+        """Reading again: the time the broker did not read counts against neither keepalive nor acknowledgement."""
+        if self._paused_at is None:
+            return
+        now = self._loop.time()
+        self._ack_since += now - self._paused_at
+        self._rx_at = now
+        self._paused_at = None
+
+    async def _take_token(self, bucket: PublishBucket) -> None:
+        """Websockets: wait for the device's bucket before taking the publish just read. Nothing is read while
+        it waits, so the websocket's own flow control pushes back on the client."""
+        wait = bucket.take(self._loop.time())
+        if not wait:
+            if self._throttled_since is not None:
+                self._unthrottled()
+            return
+        self._note_held()
+        while wait:
+            self._paused_at = self._loop.time()
+            try:
+                await asyncio.sleep(wait)
+            finally:
+                self._unpaused()
+            wait = bucket.take(self._loop.time())
+        self._waiting = False
+
+    def _cancel_timers(self) -> None:
+        for handle in (self._timer, self._release_at):
+            if handle is not None:
+                handle.cancel()
+        self._release_at = None
 
     async def _pull_mode(self, read: Callable[[int], Any]) -> None:
         """Websockets (and anything else): read packet by packet."""
@@ -331,6 +511,8 @@ class AgentHandler(BrokerProtocolHandler):  # type: ignore[misc]
             self._check_size(length)
             body = await read(length) if length else b""
             self._rx_at = self._loop.time()
+            if self.bucket is not None and first >> 4 == 3:
+                await self._take_token(self.bucket)
             self._dispatch(first, body)
             while not self._slow.empty():
                 item = self._slow.get_nowait()
@@ -459,16 +641,19 @@ class AgentHandler(BrokerProtocolHandler):  # type: ignore[misc]
             return
         now = self._loop.time()
         keepalive = self.session.keep_alive
+        if self._throttled_since is not None:
+            self._rx_at = now  # its packets wait on the broker's rate limit: the client is not silent
         if keepalive and now - self._rx_at >= keepalive:
             self.handle_read_timeout()
             return
-        first = next(iter(self.session.inflight_out), None)
-        if first is None or first != self._ack_first:
-            self._ack_first, self._ack_since = first, now
-        elif now - self._ack_since >= ACK_TIMEOUT_S:
-            # Connected but not acknowledging: treat it as gone; the message is redelivered when it is back.
-            self.abort("ack_timeout")
-            return
+        if self._paused_at is None:  # while the broker does not read, a PUBACK cannot arrive (`_unpaused`)
+            first = next(iter(self.session.inflight_out), None)
+            if first is None or first != self._ack_first:
+                self._ack_first, self._ack_since = first, now
+            elif now - self._ack_since >= ACK_TIMEOUT_S:
+                # Connected but not acknowledging: treat it as gone; the message is redelivered when it is back.
+                self.abort("ack_timeout")
+                return
         delay = min(WATCHDOG_S, self._rx_at + keepalive - now) if keepalive else WATCHDOG_S
         self._timer = self._loop.call_later(max(delay, 0.01), self._tick)
 
@@ -505,8 +690,7 @@ class AgentHandler(BrokerProtocolHandler):  # type: ignore[misc]
 
     async def stop(self) -> None:
         self.closing = True
-        if self._timer is not None:
-            self._timer.cancel()
+        self._cancel_timers()
         await super().stop()
 
     async def _retry_deliveries(self) -> None:
@@ -615,6 +799,13 @@ class PushProtocol(asyncio.StreamReaderProtocol):
         super().connection_lost(exc)
 
 
+def _read_transport(writer: WriterAdapter | None) -> asyncio.ReadTransport | None:
+    """A TCP (or TLS) client's transport, to pause and resume reading; uvloop's transports only quack like it."""
+    if isinstance(writer, StreamWriterAdapter):
+        return cast(asyncio.ReadTransport, writer._writer.transport)
+    return None
+
+
 def _push_protocol(writer: WriterAdapter | None) -> PushProtocol | None:
     if isinstance(writer, StreamWriterAdapter):
         protocol = getattr(writer._writer, "_protocol", None)
@@ -625,6 +816,26 @@ def _push_protocol(writer: WriterAdapter | None) -> PushProtocol | None:
 
 class _Violation(Exception):
     """A client broke the protocol: its connection is closed (and its will published)."""
+
+
+def _frame(buf: bytearray, pos: int) -> tuple[int, int] | None:
+    """(where its body starts, its length) for the packet at `pos`; None while its length prefix is incomplete
+    (the body may be incomplete still)."""
+    end = len(buf)
+    if end - pos < 2:
+        return None
+    byte = buf[pos + 1]
+    length, shift, i = byte & 0x7F, 7, pos + 2
+    while byte & 0x80:
+        if i >= end:
+            return None
+        if shift > 21:
+            raise _Violation("malformed remaining length")
+        byte = buf[i]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        i += 1
+    return i, length
 
 
 def _exact(reader: ReaderAdapter) -> Callable[[int], Any]:
@@ -682,11 +893,17 @@ class AgentBroker(Broker):  # type: ignore[misc]
         *,
         max_packet_bytes: int,
         max_queued_messages: int,
+        publish_rate_per_s: float = 0.0,  # per device; 0: no limit
+        publish_burst: int = 1,
         state: BrokerState | None = None,  # None: nothing survives a restart
     ) -> None:
         super().__init__(config)
         self._directory = directory
         self._hooks = hooks
+        self._throttle_hook = hooks.throttled if isinstance(hooks, ThrottleHooks) else None
+        self._publish_rate = publish_rate_per_s
+        self._publish_burst = publish_burst
+        self._buckets: dict[str, PublishBucket] = {}  # by device account: one per configured device at most
         self._max_packet = max_packet_bytes
         self._max_queued = max_queued_messages
         self._state = state
@@ -761,7 +978,7 @@ class AgentBroker(Broker):  # type: ignore[misc]
         if not incoming.client_id:
             incoming.client_id = gen_client_id()
         handler = AgentHandler(
-            self.plugins_manager, self.deliveries, self._loop, self.route, self._max_packet, self._cork
+            self.plugins_manager, self.deliveries, self._loop, self.route, self._max_packet, self._cork, self._throttled
         )
         return handler, incoming
 
@@ -788,6 +1005,7 @@ class AgentBroker(Broker):  # type: ignore[misc]
             return
         session = await self._resume_or_replace(incoming)
         handler.attach(session, reader, writer)
+        handler.bucket = self._bucket_for(session)
         # MQTT-3.1.2-24: amqtt's reader loop times out after session.keep_alive seconds without a packet.
         handler.keepalive_timeout = None  # the write-side timer is unused by a broker
         keepalive = incoming.keep_alive
@@ -869,6 +1087,37 @@ class AgentBroker(Broker):  # type: ignore[misc]
                 if self._state is not None:
                     self._state.touch(session)
             await asyncio.sleep(1)
+
+    # -- the inbound rate limit -------------------------------------------------------------------------------
+
+    def _bucket_for(self, session: Session) -> PublishBucket | None:
+        """A device's bucket is its account's: shared by its connections and kept across its reconnects, so a
+        device can neither multiply its rate by connecting twice nor refill its burst by reconnecting. The
+        agent's own clients (the dispatcher) are not limited: they answer every device."""
+        if self._publish_rate <= 0 or session.username == AGENT_USERNAME:
+            return None
+        now = self._loop.time()
+        if session.username is None:  # anonymous (broker.allow_anonymous): nothing to key on but the connection
+            return PublishBucket(self._publish_rate, self._publish_burst, now)
+        bucket = self._buckets.get(session.username)
+        if bucket is None:  # authenticated: a configured device, so the dictionary stays as small as the list
+            bucket = self._buckets[session.username] = PublishBucket(self._publish_rate, self._publish_burst, now)
+        return bucket
+
+    def _throttled(self, handler: AgentHandler, first: bool) -> None:
+        """A publish of `handler`'s client waits for its bucket: logged once an episode, counted each time."""
+        client = handler.session.client_id
+        if first:
+            self._once.warning(
+                "mqtt_client_throttled",
+                client,
+                client=client,
+                username=handler.session.username,
+                rate_per_s=self._publish_rate,
+                burst=self._publish_burst,
+            )
+        if self._throttle_hook is not None:
+            self._throttle_hook(client)
 
     # -- messages in -----------------------------------------------------------------------------------------
 

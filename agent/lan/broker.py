@@ -32,6 +32,9 @@ class NoHooks:
     def rejected(self, reason: str, client: str) -> None:
         pass
 
+    def throttled(self, client: str) -> None:
+        pass
+
 
 class _State(enum.Enum):
     NEW = "new"
@@ -89,6 +92,8 @@ class EmbeddedBroker:
                 self._hooks,
                 max_packet_bytes=self._section.max_packet_bytes,
                 max_queued_messages=self._section.max_queued_messages,
+                publish_rate_per_s=self._section.publish_rate_per_s,
+                publish_burst=self._section.publish_burst,
                 state=state,
             )
             await self._broker.start()
