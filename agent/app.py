@@ -421,13 +421,24 @@ class Agent:
         """Clips go to the cloud when it is enabled with its client secret; else they wait (and the budget
         still applies), reported like a destination without its secrets."""
         cfg = self.config
-        if cfg.cloud is None or "cloud" not in cfg.destinations or cfg.secrets.cloud_client_secret is None:
+        secrets = cfg.secrets
+        if (
+            cfg.cloud is None
+            or "cloud" not in cfg.destinations
+            or secrets.cloud_client_secret is None
+            or secrets.cloud_signing_secret is None
+        ):
             if cfg.cameras:
-                log.error("clip_upload_not_configured", missing="[cloud] with cloud_client_secret")
+                log.error("clip_upload_not_configured", missing="[cloud] with cloud_client_secret/cloud_signing_secret")
             return None
         # the uploader leaves a client it was given open: closed with the uploader in _serve
         self._clip_http = metered_client(self.metrics, "cloud", cfg.cloud.base_url)
-        return ClipUploader(cfg.cloud, cfg.secrets.cloud_client_secret.get_secret_value(), client=self._clip_http)
+        return ClipUploader(
+            cfg.cloud,
+            secrets.cloud_client_secret.get_secret_value(),
+            secrets.cloud_signing_secret.get_secret_value(),
+            client=self._clip_http,
+        )
 
     def _camera_presence(self, camera_id: str, online: bool, reason: str) -> None:
         at = self.clock.wall()

@@ -25,6 +25,28 @@ def sign(secret: str, timestamp: int | str, body: bytes) -> str:
 
 
 def verify(secret: str, headers: CIMultiDictProxy[str], body: bytes, *, now: float, window_s: float) -> None:
+    timestamp, signature = _headers(headers)
+    check(sign(secret, timestamp, body), signature)
+    fresh(timestamp, now=now, window_s=window_s)
+
+
+class Streamed:
+    """A signature checked on a body read in pieces (a tus chunk): headers and freshness first, before any byte
+    is read; `update` with each piece; `check` at the end."""
+
+    def __init__(self, secret: str, headers: CIMultiDictProxy[str], *, now: float, window_s: float) -> None:
+        timestamp, self._signature = _headers(headers)
+        fresh(timestamp, now=now, window_s=window_s)
+        self._mac = hmac.new(secret.encode(), f"{timestamp}.".encode(), hashlib.sha256)
+
+    def update(self, piece: bytes) -> None:
+        self._mac.update(piece)
+
+    def check(self) -> None:
+        check(self._mac.hexdigest(), self._signature)
+
+
+def _headers(headers: CIMultiDictProxy[str]) -> tuple[str, str]:
     timestamp = headers.get("X-Timestamp")
     signature = headers.get("X-Signature")
     if timestamp is None or signature is None:
@@ -34,9 +56,15 @@ def verify(secret: str, headers: CIMultiDictProxy[str], body: bytes, *, now: flo
         raise unauthorized("bad_signature", "X-Timestamp must be unix seconds (an integer)")
     if not _HEX.fullmatch(signature.strip()):
         raise unauthorized("bad_signature", "X-Signature must be 64 hex digits of HMAC-SHA256")
-    expected = sign(secret, timestamp, body)
-    if not hmac.compare_digest(expected, signature.strip().lower()):
+    return timestamp, signature.strip().lower()
+
+
+def check(expected: str, signature: str) -> None:
+    if not hmac.compare_digest(expected, signature):
         raise unauthorized("bad_signature", "signature does not match HMAC-SHA256(secret, '{X-Timestamp}.{body}')")
+
+
+def fresh(timestamp: str, *, now: float, window_s: float) -> None:
     skew = int(timestamp) - now
     if abs(skew) > window_s:
         raise unauthorized(

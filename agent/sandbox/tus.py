@@ -28,11 +28,11 @@ import shutil
 import tempfile
 import uuid
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Annotated, Any
+from typing import IO, TYPE_CHECKING, Annotated, Any, Protocol
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -40,6 +40,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from .errors import ApiError
 from .faults import CUT_AFTER
+from .signing import Streamed
 from .tokens import require_bearer
 from .wire import explain, instant, json_response, query, text
 
@@ -285,7 +286,11 @@ def _open_at(path: Path, offset: int) -> IO[bytes]:
     return handle
 
 
-def _write(handle: IO[bytes], piece: bytes, hashes: list[hashlib._Hash]) -> None:
+class _Digest(Protocol):
+    def update(self, piece: bytes, /) -> None: ...
+
+
+def _write(handle: IO[bytes], piece: bytes, hashes: Sequence[_Digest]) -> None:
     handle.write(piece)
     for digest in hashes:
         digest.update(piece)
@@ -304,7 +309,7 @@ class _Body:
     lost: bool = False  # the connection dropped (or a cut fault dropped it) before the body's end
 
 
-async def _stream(request: web.Request, handle: IO[bytes], hashes: list[hashlib._Hash], room: int) -> _Body:
+async def _stream(request: web.Request, handle: IO[bytes], hashes: Sequence[_Digest], room: int) -> _Body:
     """Copy the body to `handle` as it arrives; stop at a cut fault's byte, at a dropped connection or at the end."""
     cut_at = request.get(CUT_AFTER)
     body = _Body()
@@ -432,6 +437,10 @@ def routes(sandbox: Sandbox) -> list[web.RouteDef]:
             raise _error(415, "unsupported_media_type", f"Content-Type must be {OFFSET_STREAM}")
         offset = _count(request, "Upload-Offset")
         expected = _checksum(request.headers.get("Upload-Checksum"))
+        options = sandbox.options
+        signed = Streamed(
+            options.signing_secret, request.headers, now=sandbox.clock.now(), window_s=options.signature_window_s
+        )
         await _locked(upload)
         try:
             if upload.gone:  # terminated or rejected while this request waited
@@ -446,12 +455,17 @@ def routes(sandbox: Sandbox) -> list[web.RouteDef]:
             room = upload.length - offset
             if request.content_length is not None and request.content_length > room:
                 raise _error(413, "beyond_upload_length", f"{request.content_length} bytes; {room} are left")
-            return await _append(request, upload, expected, room, effect)
+            return await _append(request, upload, expected, signed, room, effect)
         finally:
             upload.lock.release()
 
     async def _append(
-        request: web.Request, upload: Upload, expected: bytes | None, room: int, effect: dict[str, Any]
+        request: web.Request,
+        upload: Upload,
+        expected: bytes | None,
+        signed: Streamed,
+        room: int,
+        effect: dict[str, Any],
     ) -> web.Response:
         start = upload.offset
         running = upload.digest.copy()
@@ -459,10 +473,17 @@ def routes(sandbox: Sandbox) -> list[web.RouteDef]:
         handle = await asyncio.to_thread(_open_at, upload.path, start)
         kept = 0
         try:
-            body = await _stream(request, handle, [running, chunk], room)
+            body = await _stream(request, handle, [running, chunk, signed], room)
             mismatch = expected is not None and not body.lost and chunk.digest() != expected
-            # A partial chunk cannot be checked against its checksum, so only an unchecked one is kept.
-            if not mismatch and (expected is None or not body.lost):
+            forged: ApiError | None = None
+            if not body.lost:
+                try:
+                    signed.check()
+                except ApiError as exc:
+                    forged = exc
+            # A chunk is kept only whole and as signed (a part of one cannot be checked against its signature),
+            # and then only as its checksum says.
+            if forged is None and not mismatch and not body.lost:
                 kept = body.got
         finally:
             await asyncio.to_thread(_close, handle, start + kept)
@@ -482,6 +503,9 @@ def routes(sandbox: Sandbox) -> list[web.RouteDef]:
             lost=body.lost,
             acted=kept > 0,
         )
+        if forged is not None:
+            forged.headers["Tus-Resumable"] = TUS_VERSION
+            raise forged
         if mismatch:
             raise _error(CHECKSUM_MISMATCH, "checksum_mismatch", "the chunk does not match its Upload-Checksum")
         if upload.offset == upload.length:

@@ -1,12 +1,13 @@
 """Clip upload to the club cloud: tus 1.0.0 (core, creation, checksum, termination), one highlight's clip a call.
 
-`ClipUploader.upload` creates the upload (its URL goes to `on_created` before any byte is sent, so the caller
-can keep it in SQLite and a restarted agent resumes there), or asks where a known upload stands (HEAD), then
-PATCHes 256 KiB chunks, each with `Upload-Checksum: sha256`. A lost connection, a timeout, a 5xx or a garbled
+`ClipUploader.upload` creates the upload (its URL goes to `on_created` before any byte is sent, so the caller can
+keep it in SQLite and a restarted agent resumes there), or asks where a known upload stands (HEAD), then PATCHes
+256 KiB chunks, each with `Upload-Checksum: sha256` and signed as every body to the cloud is (DESIGN 2.3: `X-Timestamp`,
+`X-Signature = hex(HMAC-SHA256(secret, "{timestamp}.{chunk}"))`). A lost connection, a timeout, a 5xx or a garbled
 answer is retried from the offset a HEAD reports, after a capped, jittered backoff, a bounded number of times a
-call; the cloud judges the whole clip's SHA-256 on the last chunk, and a final HEAD confirms it is complete.
-Bytes are paced by a token bucket when `max_bytes_per_s` is set (opening hours can throttle uploads while
-members use the club's uplink), and file reads and hashing run in a thread, never on the event loop.
+call; the cloud judges the whole clip's SHA-256 on the last chunk, and a final HEAD confirms it is complete. Bytes
+are paced by a token bucket when `max_bytes_per_s` is set (opening hours can throttle uploads while members use the
+club's uplink), and file reads and hashing run in a thread, never on the event loop.
 
 Errors are the delivery classes: `Transient` (network, 5xx, 408/423/429, unreadable answers, attempts used up)
 and `Permanent` (other 4xx; a clip whose SHA-256 is not the one declared). A 401 renews the token once.
@@ -30,6 +31,7 @@ import hashlib
 import json
 import random
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -41,7 +43,7 @@ import httpx
 
 from ..config import CloudSection
 from ..logs import get_logger
-from .cloud import TokenSource
+from .cloud import TokenSource, sign
 from .delivery import Permanent, Transient, network_error, response_text, retry_after
 
 log = get_logger("agent.sync.clips")
@@ -238,8 +240,10 @@ class ClipUploader:
         self,
         section: CloudSection,
         client_secret: str,
+        signing_secret: str,
         *,
         client: httpx.AsyncClient | None = None,
+        wall: Callable[[], float] = time.time,
         tokens: TokenSource | None = None,
         max_bytes_per_s: float | None = None,
         max_attempts: int = MAX_ATTEMPTS,
@@ -250,6 +254,8 @@ class ClipUploader:
         if max_attempts < 1 or chunk_bytes < 1:
             raise ValueError("max_attempts and chunk_bytes are at least 1")
         self._endpoint = section.base_url.rstrip("/") + CLIPS_PATH
+        self._secret = signing_secret.encode()
+        self._wall = wall
         self._owns_client = client is None
         self._client = client or httpx.AsyncClient()
         self._tokens = tokens or TokenSource(self._client, section.token_url, section.client_id, client_secret)
@@ -481,11 +487,14 @@ class ClipUploader:
         chunk, checksum = await asyncio.to_thread(_read_chunk, path, offset, count)
         if len(chunk) != count:
             raise Permanent(f"clip {run.highlight_id}: the file shrank to {offset + len(chunk)} bytes while uploading")
+        stamp = int(self._wall())
         headers = {
             "Content-Type": OFFSET_STREAM,
             "Content-Length": str(count),
             "Upload-Offset": str(offset),
             "Upload-Checksum": f"sha256 {checksum}",
+            "X-Timestamp": str(stamp),
+            "X-Signature": await asyncio.to_thread(sign, self._secret, stamp, chunk),
         }
         response = await self._send(run, "PATCH", url, headers, lambda: self._paced(run, chunk))
         status = response.status_code

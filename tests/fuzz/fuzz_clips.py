@@ -161,7 +161,8 @@ async def _attempt(answers: object, resume_url: str | None) -> clips.UploadResul
         created.append(url)
 
     client = httpx.AsyncClient(transport=httpx.MockTransport(handle))
-    async with client, ClipUploader(SECTION, "secret", client=client, max_attempts=1, chunk_bytes=CHUNK) as uploader:
+    uploader = ClipUploader(SECTION, "secret", "signing-secret", client=client, max_attempts=1, chunk_bytes=CHUNK)
+    async with client, uploader:
         if resume_url == "terminate":
             await uploader.terminate("https://cloud.test/edge/clips/u-1")
             return None

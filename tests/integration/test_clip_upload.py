@@ -27,6 +27,7 @@ from agent.config import CloudSection
 from agent.sandbox.faults import FaultRule
 from agent.sandbox.server import SandboxServer
 from agent.sync.clips import CHUNK_BYTES, ClipMetadata, ClipUploader, UploadResult
+from agent.sync.cloud import sign
 from agent.sync.delivery import Permanent, Transient
 
 MIB = 1024 * 1024
@@ -116,7 +117,7 @@ async def uploaders(server: SandboxServer) -> AsyncIterator[Callable[..., ClipUp
         section = CloudSection(base_url=s.cloud_base_url, token_url=s.token_url, client_id=s.cloud_client_id)
         client = httpx.AsyncClient(event_hooks={"response": [conform]} if check else {})
         options = {"backoff_base_s": 0.01, "backoff_cap_s": 0.05, **options}
-        uploader = ClipUploader(section, s.cloud_client_secret, client=client, **options)
+        uploader = ClipUploader(section, s.cloud_client_secret, s.signing_secret, client=client, **options)
         stack.append((uploader, client))
         return uploader
 
@@ -299,14 +300,16 @@ async def test_a_401_renews_the_token_once(server: SandboxServer, clip: Callable
     section = CloudSection(base_url=s.cloud_base_url, token_url=s.token_url, client_id=s.cloud_client_id)
     server.sandbox.faults.replace([FaultRule(endpoint="cloud.clips.patch", kind="401", count=1)])
     async with httpx.AsyncClient(event_hooks={"response": [conform]}) as client:
-        uploader = ClipUploader(section, s.cloud_client_secret, client=client)
+        uploader = ClipUploader(section, s.cloud_client_secret, s.signing_secret, client=client)
         result = await upload(uploader, (path, sha))
         assert (result.retries, len(server.sandbox.tokens)) == (0, 2)  # renewed, not counted as a failure
         assert stored(server)[0]["status"] == "complete"
 
         # A token refused even fresh is an operator's problem: transient, said plainly, and bounded.
         server.sandbox.faults.replace([FaultRule(endpoint="cloud.clips.create", kind="401", rate=1)])
-        uploader = ClipUploader(section, s.cloud_client_secret, client=client, max_attempts=2, backoff_base_s=0.01)
+        uploader = ClipUploader(
+            section, s.cloud_client_secret, s.signing_secret, client=client, max_attempts=2, backoff_base_s=0.01
+        )
         with pytest.raises(Transient, match="gave up after 2 failed attempts; last: cloud refused a fresh token"):
             await upload(uploader, (path, sha), meta=metadata("hl-2"))
 
@@ -361,6 +364,10 @@ async def test_the_sandbox_speaks_tus_as_its_contract_says(server: SandboxServer
         def checksum(body: bytes) -> str:
             return "sha256 " + base64.b64encode(hashlib.sha256(body).digest()).decode()
 
+        def signed(body: bytes, secret: str = s.signing_secret) -> dict[str, str]:
+            stamp = int(time.time())
+            return {"X-Timestamp": str(stamp), "X-Signature": sign(secret.encode(), stamp, body)}
+
         caps = await http.options("/edge/clips/")
         assert (caps.status_code, caps.headers["Tus-Version"], caps.headers["Tus-Checksum-Algorithm"]) == (
             204,
@@ -380,20 +387,25 @@ async def test_the_sandbox_speaks_tus_as_its_contract_says(server: SandboxServer
         created = await http.post("/edge/clips/", headers={**tus, **meta})
         assert created.status_code == 201
         url = created.headers["Location"]
-        # Without a checksum, a body cut short keeps what arrived (tus core).
+        # Every chunk is signed (DESIGN 2.3), so one cut short keeps nothing: a part cannot be checked.
         server.sandbox.faults.replace([FaultRule(endpoint="cloud.clips.patch", kind="cut", count=1, after_bytes=300)])
         async with httpx.AsyncClient() as raw:
             with pytest.raises(httpx.TransportError):
-                await raw.patch(url, content=data, headers={**chunk, "Upload-Offset": "0"})
+                await raw.patch(url, content=data, headers={**chunk, **signed(data), "Upload-Offset": "0"})
         head = await http.head(url, headers=tus)
-        assert (head.headers["Upload-Offset"], head.headers["Upload-Length"]) == ("300", "1000")
-        stale = await http.patch(url, content=data[:100], headers={**chunk, "Upload-Offset": "0"})
+        assert (head.headers["Upload-Offset"], head.headers["Upload-Length"]) == ("0", "1000")
+        for forged in ({}, signed(data[:300], secret="not the secret"), signed(b"another body")):
+            refused = await http.patch(url, content=data[:300], headers={**chunk, **forged, "Upload-Offset": "0"})
+            assert (refused.status_code, refused.json()["error"]) == (401, "bad_signature")
+        first = {**chunk, **signed(data[:300]), "Upload-Offset": "0"}
+        assert (await http.patch(url, content=data[:300], headers=first)).headers["Upload-Offset"] == "300"
+        stale = await http.patch(url, content=data[:100], headers={**chunk, **signed(data[:100]), "Upload-Offset": "0"})
         assert (stale.status_code, stale.headers["Upload-Offset"]) == (409, "300")
-        damaged = {**chunk, "Upload-Offset": "300", "Upload-Checksum": checksum(b"not this")}
+        damaged = {**chunk, **signed(data[300:600]), "Upload-Offset": "300", "Upload-Checksum": checksum(b"not this")}
         assert (await http.patch(url, content=data[300:600], headers=damaged)).status_code == 460
         plain = {**tus, "Content-Type": "application/octet-stream", "Upload-Offset": "300"}
         assert (await http.patch(url, content=data[300:], headers=plain)).status_code == 415
-        good = {**chunk, "Upload-Offset": "300", "Upload-Checksum": checksum(data[300:600])}
+        good = {**chunk, **signed(data[300:600]), "Upload-Offset": "300", "Upload-Checksum": checksum(data[300:600])}
         assert (await http.patch(url, content=data[300:600], headers=good)).headers["Upload-Offset"] == "600"
         # The same highlight again: the upload that exists, where it stands; another clip for it: a conflict.
         again = await http.post("/edge/clips/", headers={**tus, **meta})
@@ -403,6 +415,7 @@ async def test_the_sandbox_speaks_tus_as_its_contract_says(server: SandboxServer
 
         assert (await http.delete(url, headers=tus)).status_code == 204
         assert (await http.head(url, headers=tus)).status_code == 410
-        assert (await http.patch(url, content=b"x", headers={**chunk, "Upload-Offset": "600"})).status_code == 410
+        late = {**chunk, **signed(b"x"), "Upload-Offset": "600"}
+        assert (await http.patch(url, content=b"x", headers=late)).status_code == 410
         assert (await http.head(url.rsplit("/", 1)[0] + "/" + "0" * 32, headers=tus)).status_code == 404
         assert [u.status for u in server.sandbox.clips] == ["terminated"]

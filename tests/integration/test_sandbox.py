@@ -1100,7 +1100,9 @@ async def test_a_client_following_the_contracts_gets_conforming_answers(
     await http.head(url, headers=tus)
     digest = base64.b64encode(hashlib.sha256(clip).digest()).decode()
     chunk = {**tus, "Content-Type": "application/offset+octet-stream", "Upload-Offset": "0"}
-    sent = await http.patch(url, content=clip, headers={**chunk, "Upload-Checksum": f"sha256 {digest}"})
+    sent = await http.patch(
+        url, content=clip, headers={**signed(server, clip), **chunk, "Upload-Checksum": f"sha256 {digest}"}
+    )
     assert sent.status_code == 204
     another = pairs.replace(base64.b64encode(b"hl-1").decode(), base64.b64encode(b"hl-2").decode())
     unfinished = await http.post("/edge/clips/", headers={**create, "Upload-Metadata": another})
