@@ -75,8 +75,9 @@ def configure(*, json: bool | None = None, level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
-    # amqtt logs every connection at info and some client errors at error; ours say it better.
-    for noisy in ("amqtt", "transitions", "websockets", "aiosqlite"):
+    # amqtt logs every connection at info and some client errors at error; ours say it better. httpx logs every
+    # request at info: under load, 80 journal lines a second that the integration metrics already count.
+    for noisy in ("amqtt", "transitions", "websockets", "aiosqlite", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(numeric, logging.CRITICAL if noisy == "amqtt" else logging.WARNING))
 
 
