@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import random
+import sqlite3
 import statistics
 import time
 from collections import deque
@@ -426,46 +427,53 @@ class _Worker:
         return int(delay * 1000 * random.uniform(0.5, 1.0))
 
     async def _record(self, batch: list[OutboxEvent], results: list[Result], retry_after_s: float | None) -> None:
+        """The results in one write of the store's group commit (a function on the writer's thread, not a
+        transaction held across awaits: decisions queued behind it would wait for every hop of it)."""
         tried = {e.seq: e.attempts for e in batch}
         timeline = self.outbox._timeline
         now = await timeline.now()
         shifted = timeline.shifted_ms
         dest = self.destination.name
-        async with self._db.transaction("recording deliveries", notify=False) as conn:
-            # A rebase committed while this transaction waited for the writer: our `now` is on the old wall
-            # clock, and the rows written below must not be; no rebase can run until we commit.
-            now += timeline.shifted_ms - shifted
-            for r in results:
-                if r.verdict is Verdict.DELIVERED:
-                    await conn.execute(
-                        "UPDATE deliveries SET state = 'delivered', delivered_at = ?, attempts = attempts + 1,"
-                        " first_attempt_at = COALESCE(first_attempt_at, ?), last_error = NULL"
-                        " WHERE destination = ? AND seq = ?",
-                        (now, now, dest, r.seq),
-                    )
-                elif r.verdict is Verdict.DEAD:
-                    await conn.execute(
-                        "UPDATE deliveries SET state = 'dead', attempts = attempts + 1, last_error = ?,"
-                        " first_attempt_at = COALESCE(first_attempt_at, ?) WHERE destination = ? AND seq = ?",
-                        (r.reason, now, dest, r.seq),
-                    )
-                else:
-                    attempts = tried.get(r.seq, 0)
-                    await conn.execute(
-                        "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?,"
-                        " first_attempt_at = COALESCE(first_attempt_at, ?) WHERE destination = ? AND seq = ?",
-                        (r.reason, now + self._backoff_ms(attempts, retry_after_s), now, dest, r.seq),
-                    )
-            delivered = any(r.verdict is Verdict.DELIVERED for r in results)
-            failed = next((r.reason for r in results if r.verdict is not Verdict.DELIVERED), None)
-            await conn.execute(
+        delays = {r.seq: self._backoff_ms(tried.get(r.seq, 0), retry_after_s) for r in results}
+        delivered = any(r.verdict is Verdict.DELIVERED for r in results)
+        failed = next((r.reason for r in results if r.verdict is not Verdict.DELIVERED), None)
+        breaker = self.breaker.state.value
+
+        def record(conn: sqlite3.Connection) -> int:
+            # A rebase committed while this write waited for the writer: our `now` is on the old wall clock, and
+            # the rows written below must not be; no rebase runs while a group commits (the store's lock).
+            at = now + timeline.shifted_ms - shifted
+            conn.executemany(
+                "UPDATE deliveries SET state = 'delivered', delivered_at = ?, attempts = attempts + 1,"
+                " first_attempt_at = COALESCE(first_attempt_at, ?), last_error = NULL"
+                " WHERE destination = ? AND seq = ?",
+                [(at, at, dest, r.seq) for r in results if r.verdict is Verdict.DELIVERED],
+            )
+            conn.executemany(
+                "UPDATE deliveries SET state = 'dead', attempts = attempts + 1, last_error = ?,"
+                " first_attempt_at = COALESCE(first_attempt_at, ?) WHERE destination = ? AND seq = ?",
+                [(r.reason, at, dest, r.seq) for r in results if r.verdict is Verdict.DEAD],
+            )
+            conn.executemany(
+                "UPDATE deliveries SET attempts = attempts + 1, last_error = ?, next_attempt_at = ?,"
+                " first_attempt_at = COALESCE(first_attempt_at, ?) WHERE destination = ? AND seq = ?",
+                [
+                    (r.reason, at + delays[r.seq], at, dest, r.seq)
+                    for r in results
+                    if r.verdict not in (Verdict.DELIVERED, Verdict.DEAD)
+                ],
+            )
+            conn.execute(
                 "INSERT INTO destination_state (destination, last_success_at, last_error, last_error_at, breaker)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT (destination) DO UPDATE SET"
                 " last_success_at = COALESCE(excluded.last_success_at, last_success_at),"
                 " last_error = COALESCE(excluded.last_error, last_error),"
                 " last_error_at = COALESCE(excluded.last_error_at, last_error_at), breaker = excluded.breaker",
-                (dest, now if delivered else None, failed, now if failed else None, self.breaker.state.value),
+                (dest, at if delivered else None, failed, at if failed else None, breaker),
             )
+            return at
+
+        now = await self._db.write_quietly("recording deliveries", record)
         self.status.breaker = self.breaker.state.value
         if delivered:
             self.status.last_success_ms = now

@@ -177,11 +177,15 @@ class ZiggyDestination:
         return None
 
     async def _remember(self, event: OutboxEvent, ziggy_id: str, checked_in_at: Any) -> None:
-        async with self._db.transaction("recording Ziggy's session id", notify=False) as conn:
-            await conn.execute(
+        # One write of the store's group commit, not a transaction held across awaits: taps queue behind it.
+        row = (event.session_id, ziggy_id, checked_in_at if isinstance(checked_in_at, str) else None)
+        await self._db.write_quietly(
+            "recording Ziggy's session id",
+            lambda conn: conn.execute(
                 "INSERT OR REPLACE INTO ziggy_sessions (session_id, ziggy_session_id, checked_in_at) VALUES (?, ?, ?)",
-                (event.session_id, ziggy_id, checked_in_at if isinstance(checked_in_at, str) else None),
-            )
+                row,
+            ),
+        )
 
     async def _ziggy_session(self, event: OutboxEvent) -> str:
         row = await self._db.fetchone(
