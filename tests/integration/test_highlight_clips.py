@@ -114,7 +114,7 @@ async def test_a_press_becomes_a_30_s_clip_with_its_pre_roll_uploaded_with_a_mat
     assert hashlib.sha256(Path(path).read_bytes()).hexdigest() == sha256
     assert size == Path(path).stat().st_size
     print(f"press -> clip ready: {ready_s:.1f} s; trim_start_s {trim_start_s:.3f}")
-    assert ready_s <= 22 + 2  # the budget is 22 s; this machine is shared (benchmarks/clips.py measures it)
+    assert ready_s <= 22  # the budget (benchmarks/clips.py measures it with four cameras at once)
 
     # uploaded through the outbox's priority rule (events first), hash checked by the cloud
     await delivered(premises, within=30)
