@@ -8,3 +8,5 @@ CREATE INDEX deliveries_pending_seq ON deliveries (destination, seq, next_attemp
 -- The same for what health, the front desk and the metrics count on every poll: pending rows (counted and their
 -- oldest found through the index above) and dead letters (rare: this one is nearly empty).
 CREATE INDEX deliveries_dead ON deliveries (destination, seq) WHERE state = 'dead';
+-- Court screens count each court's highlights since its session began, on every refresh.
+CREATE INDEX highlights_by_court ON highlights (court_id, pressed_at);
