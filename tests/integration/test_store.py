@@ -85,6 +85,33 @@ async def test_new_database_is_migrated_in_wal_with_synchronous_full(db_path: Pa
     assert contents(db_path)
 
 
+async def test_checkpoints_run_off_the_commit_path_and_keep_the_wal_bounded(db_path: Path) -> None:
+    """The writer never checkpoints (its commits would wait for a 4 MB copy and an fsync); a connection of the
+    store's own does, once the WAL passes its threshold, and the WAL then starts over instead of growing."""
+    wal = db_path.with_name(db_path.name + "-wal")
+    async with Database(db_path) as db:
+        rows = await db.conn.execute_fetchall("PRAGMA wal_autocheckpoint")
+        assert next(iter(rows))[0] == 0  # the writer's
+        blob = random.randbytes(32 * 1024)  # 64 KiB as hex
+        for round_ in range(3):
+            for i in range(80):  # 5.2 MB a round, past the 4 MB threshold
+                await db.write(
+                    "test: filling the WAL",
+                    lambda conn, k=f"fill-{round_}-{i}": conn.execute(
+                        "INSERT OR REPLACE INTO kv (key, value) VALUES (?, ?)", (k, blob.hex())
+                    ),
+                )
+            for _ in range(100):  # the checkpointer looks once a second: 10 s at most
+                if db.checkpoints > round_:
+                    break
+                await asyncio.sleep(0.1)
+            assert db.checkpoints > round_, f"no checkpoint in round {round_}; WAL {wal.stat().st_size} bytes"
+        # The WAL restarted from its beginning after each checkpoint: about one round long, not three.
+        assert wal.stat().st_size < 2 * 80 * 64 * 1024
+        assert await scalar(db, "SELECT COUNT(*) FROM kv WHERE key LIKE 'fill-%'") == 240
+    assert not wal.exists() or wal.stat().st_size == 0  # closing checkpointed the rest
+
+
 async def test_reopening_is_idempotent_and_keeps_data(db_path: Path) -> None:
     async with Database(db_path) as db:
         await apply(db, [member("m1")])
