@@ -4,9 +4,15 @@ instrumenting the decoders when a target runs under atheris."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import types
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+ATHERIS_RUNS = 2000  # per target in `make test`: a few hundred ms each
 
 # atheris.FuzzedDataProvider, set by a target run under atheris: the fuzzer then learns the cuts as well as the
 # bytes. Without it (hypothesis, plain imports), the cuts come from the input's first byte.
@@ -70,3 +76,11 @@ def fuzz(target: Callable[[bytes], None], *modules: types.ModuleType) -> None:
     instrument(*modules)
     atheris.Setup(sys.argv, target)
     atheris.Fuzz()
+
+
+def run_under_atheris(target: types.ModuleType, artifacts: Path) -> subprocess.CompletedProcess[str]:
+    """A target's own atheris main for ATHERIS_RUNS runs, a crash or a hang written under `artifacts`."""
+    # -len_control=0: inputs up to max_len at once; the default grows them too slowly for a short run
+    flags = [f"-runs={ATHERIS_RUNS}", "-seed=1", "-max_len=512", "-len_control=0", f"-artifact_prefix={artifacts}/"]
+    command = [sys.executable, "-m", target.__name__, *flags]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -37,13 +35,12 @@ from . import (
     fuzz_topics,
     fuzz_wiegand,
 )
+from ._harness import run_under_atheris
 
 TARGETS = [fuzz_payloads, fuzz_topics, fuzz_config, fuzz_api, fuzz_cloud, fuzz_members, fuzz_clips]
 DECODERS = [fuzz_rdm6300, fuzz_wiegand, fuzz_lines, fuzz_buttonbox, fuzz_keywedge, fuzz_feedback]
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "fuzz-short")
 GENERATED = TARGETS if PROFILE == "fuzz-short" else TARGETS + DECODERS
-ROOT = Path(__file__).resolve().parents[2]
-ATHERIS_RUNS = 2000
 
 
 def _name(target: ModuleType) -> str:
@@ -99,14 +96,5 @@ def test_fixed_bug_stays_fixed(bug: _support.Known) -> None:
 @pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris is not installed (x86_64 only)")
 @pytest.mark.parametrize("target", TARGETS, ids=_name)
 def test_target_under_atheris(target: ModuleType, tmp_path: Path) -> None:
-    # -len_control=0: inputs up to max_len at once; the default grows them too slowly for a short run
-    flags = [f"-runs={ATHERIS_RUNS}", "-seed=1", "-max_len=512", "-len_control=0", f"-artifact_prefix={tmp_path}/"]
-    result = subprocess.run(
-        [sys.executable, "-m", target.__name__, *flags],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_under_atheris(target, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

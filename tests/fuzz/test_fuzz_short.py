@@ -5,8 +5,6 @@ target by hand: `python -m tests.fuzz.fuzz_lines -max_total_time=600`."""
 from __future__ import annotations
 
 import importlib.util
-import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -15,10 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from . import fuzz_buttonbox, fuzz_feedback, fuzz_keywedge, fuzz_lines, fuzz_rdm6300, fuzz_wiegand
+from ._harness import run_under_atheris
 
 TARGETS = [fuzz_rdm6300, fuzz_wiegand, fuzz_lines, fuzz_buttonbox, fuzz_keywedge, fuzz_feedback]
-ROOT = Path(__file__).resolve().parents[2]
-ATHERIS_RUNS = 2000
 
 settings.register_profile("fuzz-short", max_examples=150, deadline=None)
 
@@ -39,14 +36,5 @@ def test_target_on_generated_input(target: ModuleType, data: bytes) -> None:
 @pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris is not installed (x86_64 only)")
 @pytest.mark.parametrize("target", TARGETS, ids=_name)
 def test_target_under_atheris(target: ModuleType, tmp_path: Path) -> None:
-    # -len_control=0: inputs up to max_len at once; the default grows them too slowly for a short run
-    flags = [f"-runs={ATHERIS_RUNS}", "-seed=1", "-max_len=512", "-len_control=0", f"-artifact_prefix={tmp_path}/"]
-    result = subprocess.run(
-        [sys.executable, "-m", target.__name__, *flags],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_under_atheris(target, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
