@@ -82,7 +82,7 @@ test-mosquitto: deps test-deps
 	CLUB_AGENT_TEST_BROKER=mosquitto $(BIN)/pytest -q -m "not embedded_only" \
 		--ignore=tests/integration/test_broker_conformance.py --ignore=tests/unit --ignore=tests/browser
 
-# Every benchmark, each with its peer side by side in the same run; writes BENCHMARKS.md (about 25 minutes).
+# Every benchmark, each with its peer side by side in the same run; writes BENCHMARKS.md (about 55 minutes: the soak is 30).
 bench: deps test-deps
 	$(BIN)/python benchmarks/table.py
 
