@@ -190,18 +190,9 @@ class _Timeline:
         # Another boot, or no reference (the first start of this version, a recovered store): rows scheduled
         # in the future are in a timeline we cannot place.
         why = "no reference" if ref is None else "new boot"
-        names = await known_destinations(self._db)
-        reset: dict[str, int] = {}
-        async with self._db.transaction("restarting the retry schedule", notify=False) as conn:
-            for name in names:
-                cursor = await conn.execute(
-                    "UPDATE deliveries SET next_attempt_at = ?"
-                    " WHERE destination = ? AND state = 'pending' AND next_attempt_at > ?",
-                    (wall, name, wall),
-                )
-                reset[name] = cursor.rowcount
-                await cursor.close()
-            await _save_reference(conn, self._boot, wall - mono)
+        reset = await self._move_pending(
+            "restarting the retry schedule", "next_attempt_at = ?", (wall,), wall, wall - mono
+        )
         self._offset = wall - mono
         for name, rows in reset.items():
             if rows:
@@ -212,26 +203,40 @@ class _Timeline:
         # moving: after a backward step those between the new now and the old one too (due, yet in the future
         # by the new clock). One range of the deliveries_pending index per destination.
         since = min(wall, wall - delta)
-        names = await known_destinations(self._db)
-        moved: dict[str, int] = {}
-        async with self._db.transaction("rebasing the retry schedule", notify=False) as conn:
-            for name in names:
-                # first_attempt_at moves too: Ziggy's "tried more than a day ago" is elapsed time as well.
-                cursor = await conn.execute(
-                    "UPDATE deliveries SET next_attempt_at = next_attempt_at + ?,"
-                    " first_attempt_at = first_attempt_at + ?"
-                    " WHERE destination = ? AND state = 'pending' AND next_attempt_at > ?",
-                    (delta, delta, name, since),
-                )
-                moved[name] = cursor.rowcount
-                await cursor.close()
-            await _save_reference(conn, self._boot, offset)
+        # first_attempt_at moves too: Ziggy's "tried more than a day ago" is elapsed time as well.
+        moved = await self._move_pending(
+            "rebasing the retry schedule",
+            "next_attempt_at = next_attempt_at + ?, first_attempt_at = first_attempt_at + ?",
+            (delta, delta),
+            since,
+            offset,
+        )
         # Nothing yields between the commit and here: a worker never sees the rows moved and the offset not.
         self._offset = offset
         self.shifted_ms += delta
         self.steps += 1
-        for name in names:
-            log.info("outbox_clock_step", destination=name, delta_s=round(delta / 1000, 3), rows=moved[name])
+        for name, rows in moved.items():
+            log.info("outbox_clock_step", destination=name, delta_s=round(delta / 1000, 3), rows=rows)
+
+    async def _move_pending(
+        self, doing: str, assignments: str, values: tuple[int, ...], since: int, offset: int
+    ) -> dict[str, int]:
+        """`SET assignments` on every destination's pending rows due after `since`, and the new reference, in one
+        transaction of its own (not a group write: `_Worker._record` must never share a commit with it); the rows
+        changed by destination."""
+        names = await known_destinations(self._db)
+        changed: dict[str, int] = {}
+        async with self._db.transaction(doing, notify=False) as conn:
+            for name in names:
+                cursor = await conn.execute(
+                    f"UPDATE deliveries SET {assignments}"  # noqa: S608 - our own constant assignments
+                    " WHERE destination = ? AND state = 'pending' AND next_attempt_at > ?",
+                    (*values, name, since),
+                )
+                changed[name] = cursor.rowcount
+                await cursor.close()
+            await _save_reference(conn, self._boot, offset)
+        return changed
 
 
 def _reference(value: str | None) -> tuple[str, int] | None:
