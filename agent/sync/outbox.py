@@ -89,6 +89,8 @@ WHERE d.destination = ? AND d.state = 'pending' AND d.next_attempt_at <= ?
         WHERE e2.session_id = e.session_id AND e2.seq < e.seq AND d2.state = 'pending'))
 ORDER BY d.seq DESC LIMIT ?
 """  # noqa: S608
+# When the earliest waiting row is due: the first entry of its destination's range of deliveries_pending.
+_EARLIEST_RETRY = "SELECT MIN(next_attempt_at) FROM deliveries WHERE destination = ? AND state = 'pending'"
 
 
 @dataclass
@@ -487,10 +489,7 @@ class _Worker:
 
     async def _idle(self) -> None:
         """Sleep until the earliest retry is due or new rows are committed (never only the latter)."""
-        row = await self._db.fetchone(
-            "SELECT MIN(next_attempt_at) FROM deliveries WHERE destination = ? AND state = 'pending'",
-            (self.destination.name,),
-        )
+        row = await self._db.fetchone(_EARLIEST_RETRY, (self.destination.name,))
         due = row[0] if row and row[0] is not None else None
         wait = IDLE_MAX_S if due is None else max(0.0, (due - await self.outbox._timeline.now()) / 1000)
         await self._sleep(min(wait, IDLE_MAX_S))

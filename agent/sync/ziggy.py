@@ -33,6 +33,15 @@ class Wait(Exception):
         super().__init__(reason)
         self.reason = reason
 
+# The member's own sessions, then their events, then each one's Ziggy row: CROSS JOIN pins that order. Left to
+# the planner, SQLite walked Ziggy's delivery rows by primary key from the first one ever up to this event, once
+# per check-in: 2.4 ms after 10,000 sessions, 17 ms after 70,000, on the reader connection every tap shares.
+_EARLIER_PENDING = (
+    "SELECT e.seq FROM sessions s CROSS JOIN events e ON e.session_id = s.session_id"
+    " CROSS JOIN deliveries d ON d.destination = 'ziggy' AND d.seq = e.seq"
+    " WHERE s.member_id = ? AND s.session_id != ? AND e.seq < ? AND d.state = 'pending' LIMIT 1"
+)
+
 
 class ZiggyDestination:
     name = "ziggy"
@@ -125,12 +134,7 @@ class ZiggyDestination:
         # Ziggy holds one active session per member, and the outbox keeps order per session only: a member's
         # next check-in waits until Ziggy has been told their previous session ended (else Ziggy would refuse
         # it, or a stale retry would adopt the previous session as its own).
-        earlier = await self._db.fetchone(
-            "SELECT e.seq FROM sessions s JOIN events e ON e.session_id = s.session_id"
-            " JOIN deliveries d ON d.seq = e.seq AND d.destination = 'ziggy'"
-            " WHERE s.member_id = ? AND s.session_id != ? AND e.seq < ? AND d.state = 'pending' LIMIT 1",
-            (data["member_id"], event.session_id, event.seq),
-        )
+        earlier = await self._db.fetchone(_EARLIER_PENDING, (data["member_id"], event.session_id, event.seq))
         if earlier is not None:
             raise Wait(f"waiting for Ziggy to hear of {data['member_id']}'s previous session (event {earlier[0]})")
         # A first attempt stamped after now: the wall clock went back since (the outbox moves the stamps of the
