@@ -200,6 +200,7 @@ class Agent:
             backoff_cap_s=sync.backoff_cap_s,
             breaker_failures=sync.breaker_failures,
             breaker_open_s=sync.breaker_open_s,
+            on_clock_step=self.metrics.outbox_clock_steps.inc,
         )
         db.on_commit.append(outbox.notify)
         self.outbox = outbox

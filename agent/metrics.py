@@ -42,6 +42,11 @@ class Metrics:
         self.clock_corrections = Counter(
             "clock_corrections_total", "Events re-stamped once the clock synced", registry=r
         )
+        self.outbox_clock_steps = Counter(
+            "outbox_clock_steps_total",
+            "Wall clock steps (NTP setting the time) the outbox moved its waiting retries for",
+            registry=r,
+        )
         self.consumption = Counter("consumption_orders_total", "Bar orders answered", ["status"], registry=r)
         self.heartbeats = Counter("heartbeats_total", "Device heartbeats received", ["kind"], registry=r)
         self.store_errors = Counter("store_errors_total", "Writes the store refused", ["doing"], registry=r)

@@ -154,8 +154,16 @@ class _Timeline:
     link (monotonic time restarts, and the wall clock may be anything until NTP): a row still waiting then is due
     at once, rather than left in a timeline that a later step would move the wrong way."""
 
-    def __init__(self, db: Database, wall_ms: Callable[[], int], mono_ms: Callable[[], int], boot: str) -> None:
+    def __init__(
+        self,
+        db: Database,
+        wall_ms: Callable[[], int],
+        mono_ms: Callable[[], int],
+        boot: str,
+        on_step: Callable[[], None],
+    ) -> None:
         self._db = db
+        self._on_step = on_step
         self._wall_ms, self._mono_ms = wall_ms, mono_ms
         self._boot = boot
         self._offset: int | None = None  # wall - monotonic ms of the schedule; None until read from the store
@@ -217,6 +225,7 @@ class _Timeline:
         self._offset = offset
         self.shifted_ms += delta
         self.steps += 1
+        self._on_step()
         for name, rows in moved.items():
             log.info("outbox_clock_step", destination=name, delta_s=round(delta / 1000, 3), rows=rows)
 
@@ -273,10 +282,12 @@ class Outbox:
         backoff_cap_s: float = BACKOFF_CAP_S,
         breaker_failures: int = 5,
         breaker_open_s: float = 60.0,
+        on_clock_step: Callable[[], None] = lambda: None,
     ) -> None:
         self._db = db
         self._wall_ms = wall_ms
-        self._timeline = _Timeline(db, wall_ms, mono_ms, current_boot_id() if boot_id is None else boot_id)
+        boot = current_boot_id() if boot_id is None else boot_id
+        self._timeline = _Timeline(db, wall_ms, mono_ms, boot, on_clock_step)
         self.workers = [
             _Worker(
                 self,

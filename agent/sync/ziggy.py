@@ -33,6 +33,7 @@ class Wait(Exception):
         super().__init__(reason)
         self.reason = reason
 
+
 # The member's own sessions, then their events, then each one's Ziggy row: CROSS JOIN pins that order. Left to
 # the planner, SQLite walked Ziggy's delivery rows by primary key from the first one ever up to this event, once
 # per check-in: 2.4 ms after 10,000 sessions, 17 ms after 70,000, on the reader connection every tap shares.

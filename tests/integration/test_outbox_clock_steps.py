@@ -21,6 +21,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent.config import ZiggySection
+from agent.metrics import Metrics
 from agent.store.db import Database
 from agent.store.repo import NewEvent, Stamp, append_events, enable_destinations
 from agent.sync import outbox as outbox_module
@@ -187,11 +188,21 @@ async def test_a_backward_step_of_two_hours_delays_retries_by_their_backoff_not_
         sessions = await add_sessions(db, clocks)
         cloud = Fake("cloud", clocks)
         cloud.refuse = set(sessions.firsts)  # each session's first event waits: the rest of it is held back
-        box = Outbox(db, [cloud], wall_ms=clocks.wall_ms, mono_ms=clocks.mono_ms, boot_id="boot-a", **QUICK)
+        metrics = Metrics()
+        box = Outbox(
+            db,
+            [cloud],
+            wall_ms=clocks.wall_ms,
+            mono_ms=clocks.mono_ms,
+            boot_id="boot-a",
+            on_clock_step=metrics.outbox_clock_steps.inc,
+            **QUICK,
+        )
         with capture_logs() as logs:
             async with running(box):
                 await until(lambda: waiting(db, clocks, sessions.firsts), what="the first events wait for a retry")
                 assert cloud.received == []  # the later events of each session are held back behind the first
+                assert metrics.value("outbox_clock_steps_total") == 0
                 clocks.step(-2 * 3600)  # NTP: the clock was two hours fast
                 cloud.refuse.clear()
                 stepped = time.monotonic()
@@ -200,6 +211,7 @@ async def test_a_backward_step_of_two_hours_delays_retries_by_their_backoff_not_
         in_session_order(cloud, sessions)
         assert steps_logged(logs) == [("cloud", pytest.approx(-7200, abs=0.1))]
         assert box.clock_steps == 1
+        assert metrics.value("outbox_clock_steps_total") == 1  # what /metrics shows
     finally:
         await db.__aexit__(None, None, None)
 
