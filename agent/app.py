@@ -56,6 +56,8 @@ SWEEP_INTERVAL_S = 30.0
 WATCHDOG_PROBE_S = 5.0  # each liveness probe's limit (at most a quarter of WatchdogSec)
 OUTBOX_STALL_SLACK_S = 120.0  # beyond a worker's longest sleep (idle or breaker) plus one slow call
 SHUTDOWN_TIMEOUT_S = 5.0  # requests still running when the agent stops get this long (pages are told to go first)
+LOOP_TICK_S = 0.05  # the loop-lag probe's timer
+LOOP_STALL_S = 0.1  # a lag longer than this is logged: every device waited that long for an answer
 GAUGES_EVERY_S = 5.0  # store-backed gauges are re-read at most this often, however often /metrics is scraped
 _M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 _M_ARENA_MAX = -8
@@ -222,6 +224,7 @@ class Agent:
                 tg.create_task(self._sweeper(service, dispatcher))
                 tg.create_task(self._announce_ready(dispatcher))
                 tg.create_task(self._watchdog(db, dispatcher, outbox))
+                tg.create_task(self._loop_lag())
                 if readers is not None:
                     tg.create_task(readers.run())
                 if member_sync is not None:
@@ -363,6 +366,19 @@ class Agent:
                     withheld = False
                 self.notifier.send("WATCHDOG=1")
             await asyncio.sleep(period)
+
+    async def _loop_lag(self) -> None:
+        """How late the loop runs a timer: one figure for everything that holds it (a long callback, the GIL
+        held by another thread, the process descheduled), observed into event_loop_lag_seconds."""
+        loop = asyncio.get_running_loop()
+        while True:
+            check_cancelled()
+            at = loop.time()
+            await asyncio.sleep(LOOP_TICK_S)
+            lag = max(0.0, loop.time() - at - LOOP_TICK_S)
+            self.metrics.loop_lag.observe(lag)
+            if lag > LOOP_STALL_S:
+                log.warning("event_loop_stalled", ms=round(lag * 1000))
 
     async def _liveness(self, db: Database, dispatcher: Dispatcher, outbox: Outbox, within: float) -> list[str]:
         async def store() -> str | None:

@@ -15,6 +15,12 @@ class Metrics:
         self.decision_seconds = Histogram(
             "decision_seconds", "Scan received to decision committed", buckets=_LATENCY_BUCKETS, registry=r
         )
+        self.loop_lag = Histogram(
+            "event_loop_lag_seconds",
+            "How late the agent's event loop ran a 50 ms timer: time every tap waited behind other work",
+            buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
         self.rejected = Counter(
             "messages_rejected_total", "Device messages rejected before a decision", ["kind", "reason"], registry=r
         )

@@ -52,6 +52,7 @@ GROUP_MAX = 256  # writes sharing one commit at most: bounds how long the last o
 # the taps of that group wait for it (spikes of 80-270 ms in the latency benchmarks).
 CHECKPOINT_POLL_S = 1.0
 CHECKPOINT_WAL_BYTES = 4 << 20  # SQLite's own threshold (1,000 pages of 4 KiB)
+SLOW_S = 0.1  # a group commit or a checkpoint longer than this is logged: taps wait behind the first
 T = TypeVar("T")
 P = ParamSpec("P")
 
@@ -167,6 +168,7 @@ class Database:
         self._checkpointer: aiosqlite.Connection | None = None
         self._checkpoints_task: asyncio.Task[None] | None = None
         self.checkpoints = 0  # passive checkpoints run by `_checkpoints`
+        self._checkpointing = False
         self.group_commits = 0  # transactions committed by write(), and the writes they carried
         self.group_writes = 0
         self.on_commit: list[Callable[[], None]] = []
@@ -237,15 +239,23 @@ class Database:
                 continue
             if size < CHECKPOINT_WAL_BYTES:
                 continue
+            began = time.monotonic()
+            self._checkpointing = True
             try:
-                await self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                rows = await self._checkpointer.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
             except sqlite3.Error as exc:
                 if not failing:
                     log.warning("store_checkpoint_failed", error=str(exc), wal_bytes=size)
                 failing = True
                 continue
+            finally:
+                self._checkpointing = False
             failing = False
             self.checkpoints += 1
+            took = time.monotonic() - began
+            if took > SLOW_S:
+                _, frames, copied = next(iter(rows), (0, 0, 0))
+                log.info("store_slow_checkpoint", ms=round(took * 1000), wal_frames=frames, copied=copied)
 
     @property
     def conn(self) -> aiosqlite.Connection:
@@ -334,10 +344,20 @@ class Database:
                 if not group:
                     continue
                 async with self._lock:
+                    began = time.monotonic()
                     try:
                         results = await _on_thread(self.conn, functools.partial(_run_group, group=group))
                     except Exception as exc:  # the whole group failed (SQLite, or aiosqlite's "Connection closed")
                         results = [(False, exc)] * len(group)
+                    took = time.monotonic() - began
+                if took > SLOW_S:
+                    log.warning(
+                        "store_slow_commit",
+                        ms=round(took * 1000),
+                        writes=len(group),
+                        doing=sorted({w.doing for w in group})[:4],
+                        checkpointing=self._checkpointing,
+                    )
                 committed = any(ok for ok, _ in results)
                 if committed:
                     self.group_commits += 1

@@ -60,5 +60,6 @@ async def test_metrics_cover_integrations_decisions_outbox_devices_and_storage(
     assert (sample(text, "storage_budget_bytes") or 0) > 0
     assert sample(text, "decision_seconds_count") == 2
     assert sample(text, "outbox_clock_steps_total") == 0  # exposed; the clock was never stepped here
+    assert (sample(text, "event_loop_lag_seconds_count") or 0) > 0  # the probe runs from the start
     assert health.status_code == 200
     assert health.json() == {"live": True, "ready": True, "checks": health.json()["checks"], "not_ready": []}

@@ -19,12 +19,13 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from structlog.testing import capture_logs
 
 import agent.store
 from agent.domain.model import MemberState, MemberStatus, TimeWindow
 from agent.errors import ImportFileError, MigrationError, StoreCorrupt, StoreError
 from agent.store import repo
-from agent.store.db import SALVAGE_TABLES, Database, migrations, recover
+from agent.store.db import SALVAGE_TABLES, SLOW_S, Database, migrations, recover
 from agent.store.members import MemberRecord, apply_members, read_member_file
 from agent.sync import status
 from agent.sync.retention import Retention
@@ -110,6 +111,25 @@ async def test_checkpoints_run_off_the_commit_path_and_keep_the_wal_bounded(db_p
         assert wal.stat().st_size < 2 * 80 * 64 * 1024
         assert await scalar(db, "SELECT COUNT(*) FROM kv WHERE key LIKE 'fill-%'") == 240
     assert not wal.exists() or wal.stat().st_size == 0  # closing checkpointed the rest
+
+
+async def test_a_slow_commit_is_logged_with_what_it_carried(db_path: Path) -> None:
+    """Taps wait behind a commit the disk holds up: the operator sees it in the log, with what was written."""
+    async with Database(db_path) as db:
+
+        def slow(conn: sqlite3.Connection) -> None:
+            time.sleep(SLOW_S + 0.05)  # what a stalled fsync looks like from here
+            conn.execute("INSERT OR REPLACE INTO kv (key, value) VALUES ('slow', '1')")
+
+        with capture_logs() as logs:
+            await db.write("test: fast", lambda conn: None)
+            await db.write("test: a slow disk", slow)
+    slow_ones = [e for e in logs if e["event"] == "store_slow_commit"]
+    assert len(slow_ones) == 1, logs
+    assert slow_ones[0]["doing"] == ["test: a slow disk"]
+    assert slow_ones[0]["writes"] == 1
+    assert slow_ones[0]["ms"] >= SLOW_S * 1000
+    assert slow_ones[0]["log_level"] == "warning"
 
 
 async def test_reopening_is_idempotent_and_keeps_data(db_path: Path) -> None:
