@@ -11,7 +11,8 @@
 - Retries: exponential backoff with jitter and a cap per row, `Retry-After` honoured, a circuit breaker per
   destination. A permanent refusal dead-letters that event with the reason; the rest goes on.
 - Timers never depend on new writes arriving: an idle worker sleeps until the earliest retry is due, or until
-  `notify()` says new events were committed (a notice during a round is kept for the next one).
+  `notify()` says new events were committed (a notice during a round is kept for the next one); woken so, it
+  lingers `LINGER_S` first, so that a busy evening's events travel in batches.
 - Retry delays are elapsed time, though rows keep them as wall ms (`next_attempt_at`: the due queries stay one
   index range, and status and `repo.destination_busy` read it as wall time). A Pi has no RTC and NTP may step
   its wall clock by hours: when wall minus monotonic time moves, the rows waiting for a retry move with it
@@ -50,6 +51,10 @@ BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 300.0
 REPLAY_PER_S = 500.0
 IDLE_MAX_S = 30.0
+# An idle worker woken by a commit waits this long before it looks: on a busy evening the events of 100 ms go out
+# in one round (one call to the cloud, one bookkeeping commit) instead of one round each, and every decision
+# waits behind fewer commits. A backlog never waits for it (the worker is not idle then).
+LINGER_S = 0.1
 LATENCY_WINDOW = 20  # calls remembered per destination for the median latency
 QUEUE_CHUNK = 1000  # seqs given delivery rows per write: a decision queued behind it waits for ~2 ms at most
 QUEUE_CHUNKS_PER_ROUND = 50  # then a batch is sent: a long unqueued stretch never holds deliveries back
@@ -503,11 +508,15 @@ class _Worker:
         row = await self._db.fetchone(_EARLIEST_RETRY, (self.destination.name,))
         due = row[0] if row and row[0] is not None else None
         wait = IDLE_MAX_S if due is None else max(0.0, (due - await self.outbox._timeline.now()) / 1000)
-        await self._sleep(min(wait, IDLE_MAX_S))
+        if await self._sleep(min(wait, IDLE_MAX_S)):
+            await asyncio.sleep(LINGER_S)
 
-    async def _sleep(self, seconds: float) -> None:
+    async def _sleep(self, seconds: float) -> bool:
+        """Sleep until woken by a commit (True) or for `seconds` (False)."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.wake.wait(), max(seconds, 0.005))
+            return True
+        return False
 
 
 def _event(row: Any) -> OutboxEvent:
