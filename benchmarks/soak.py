@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -54,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -100,6 +102,9 @@ P99_FACTOR = 2.0  # a late interval's p99 against the first half's median interv
 # then worked off does, and the check asks for that within the last quarter of the run, then after the load.
 OUTBOX_NEAR_ZERO = 200
 DEPTH_EVERY_S = 5.0
+DISK_PROBE_S = 0.1  # the disk probe's period
+DISK_PROBE_BLOCKS = 256  # the 1 MiB it overwrites in turn
+DISK_SLOW_MS = 100.0
 # The default outage: 10% of the run, at most this long, from a quarter of the way in; none in runs shorter than
 # OUTAGE_MIN_RUN_S. After an outage the agent's breaker (sync.breaker_open_s, 60 s by default) keeps a destination
 # alone for up to a minute before it probes again, so the backlog drains a minute or so after the cloud is back:
@@ -298,6 +303,13 @@ def cpu_s(proc: psutil.Process) -> float:
     with contextlib.suppress(psutil.Error):
         t = proc.cpu_times()
         return float(t.user + t.system)
+    return 0.0
+
+
+def written_bytes(proc: psutil.Process) -> float:
+    """Bytes the process caused to be written to storage (/proc/PID/io write_bytes): WAL, checkpoints, logs."""
+    with contextlib.suppress(psutil.Error, AttributeError):
+        return float(proc.io_counters().write_bytes)
     return 0.0
 
 
@@ -504,11 +516,104 @@ class Sample:
     db_mb: float
     outage: bool
     member_syncs: int  # member sync runs the agent finished in the interval (member_syncs_total, any result)
+    slow_commits: int = 0  # the agent's store_slow_commit warnings: a commit that took over 100 ms
+    slow_commit_max_ms: float = 0.0
+    loop_stalls: int = 0  # the agent's event_loop_stalled warnings: its loop over 100 ms late
+    disk_sync_max_ms: float = 0.0  # the disk probe's slowest fdatasync in the interval
+    disk_syncs_slow: int = 0  # probe syncs over DISK_SLOW_MS
+    written_mb_per_s: float = 0.0  # what the agent wrote to storage (an SD card's wear)
+
+
+class DiskProbe:
+    """The disk's own latency beside the agent's: a 4 KiB write and fdatasync every DISK_PROBE_S, on a thread, to
+    a file next to the agent's database (overwriting in place, as a restarted WAL does). A commit cannot be faster
+    than this; on a shared machine it says which latency excursions were the disk's."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "disk-probe"
+        self._lock = threading.Lock()
+        self._ms: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="disk-probe", daemon=True)
+
+    def __enter__(self) -> DiskProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.path.unlink(missing_ok=True)
+
+    def _run(self) -> None:
+        block = b"\0" * 4096
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.pwrite(fd, block * DISK_PROBE_BLOCKS, 0)
+            os.fsync(fd)
+            for i in itertools.count():
+                if self._stop.wait(DISK_PROBE_S):
+                    return
+                began = time.perf_counter()
+                os.pwrite(fd, block, (i % DISK_PROBE_BLOCKS) * 4096)
+                os.fdatasync(fd)
+                with self._lock:
+                    self._ms.append((time.perf_counter() - began) * 1000)
+        finally:
+            os.close(fd)
+
+    def take(self) -> list[float]:
+        with self._lock:
+            out, self._ms = self._ms, []
+        return out
+
+
+class AgentLog:
+    """The agent's own slow-commit and loop-stall warnings, read from its log since the last call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._at = 0
+
+    def take(self) -> tuple[list[float], int]:
+        """(ms of each slow commit, loop stalls) logged since the last call."""
+        try:
+            with self.path.open("rb") as f:
+                f.seek(self._at)
+                data = f.read()
+        except OSError:
+            return [], 0
+        end = data.rfind(b"\n") + 1  # a line still being written is read next time
+        self._at += end
+        commits: list[float] = []
+        stalls = 0
+        for line in data[:end].splitlines():
+            if b"store_slow_commit" not in line and b"event_loop_stalled" not in line:
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("event") == "store_slow_commit":
+                commits.append(float(entry.get("ms", 0)))
+            elif entry.get("event") == "event_loop_stalled":
+                stalls += 1
+        return commits, stalls
 
 
 class Sampler:
-    def __init__(self, rig: Rig, agent: psutil.Process, sandbox: psutil.Process, load: Load, t0: float) -> None:
+    def __init__(
+        self,
+        rig: Rig,
+        agent: psutil.Process,
+        sandbox: psutil.Process,
+        load: Load,
+        t0: float,
+        probe: DiskProbe | None = None,
+    ) -> None:
         self.rig, self.agent, self.sandbox, self.load, self.t0 = rig, agent, sandbox, load, t0
+        self.probe = probe
+        self.agent_log = AgentLog(rig.setup.log_path)
         self.me = psutil.Process()
         self.samples: list[Sample] = []
         self.depths: list[tuple[float, int, int]] = []  # (t, cloud, ziggy) every DEPTH_EVERY_S
@@ -527,11 +632,15 @@ class Sampler:
             "me": cpu_s(self.me),
             "sandbox": cpu_s(self.sandbox),
             "host": host_busy_s(),
+            "written": written_bytes(self.agent),
             "hb": float(self.load.heartbeats.sent),
         }
 
     async def prime(self) -> None:
         self._metrics = await tl.scrape_metrics(self.rig.setup.api_port)
+        self.agent_log.take()
+        if self.probe is not None:
+            self.probe.take()
         with contextlib.suppress(sqlite3.Error):
             self._seq = (await asyncio.to_thread(outbox_depth, self.rig.db_path, dead=True))["seq"]
         self._last = self._counters()
@@ -616,6 +725,12 @@ class Sampler:
             outage=self.in_outage(t_end - wall, t_end),
             member_syncs=round(member_syncs),
         )
+        commits, sample.loop_stalls = self.agent_log.take()
+        sample.slow_commits, sample.slow_commit_max_ms = len(commits), max(commits, default=0.0)
+        synced = self.probe.take() if self.probe is not None else []
+        sample.disk_sync_max_ms = max(synced, default=0.0)
+        sample.disk_syncs_slow = sum(1 for v in synced if v > DISK_SLOW_MS)
+        sample.written_mb_per_s = (now["written"] - last["written"]) / wall / MB
         self._taps_timeouts, self._taps_errors = timeouts, errors
         self.depths.append((t_end, depth["cloud"], depth["ziggy"]))
         return sample
@@ -642,9 +757,10 @@ def sample_line(s: Sample) -> str:
         return f"{v:6.2f}" if v is not None else "     -"
 
     cpu = f"agent {s.agent_cpu_pct:3.0f}%  others {s.others_cores:4.2f} cores" if s.interval_s >= 1 else ""
+    disk = f"  disk max {s.disk_sync_max_ms:5.0f} ms  slow commits {s.slow_commits:3d}" if s.interval_s >= 1 else ""
     return (
         f"{s.t_s / 60:6.2f} min  RSS {s.rss_mb:6.1f} MB  fds {s.fds:4d}  taps/s {s.taps_per_s:5.1f}  "
-        f"p50 {ms(s.p50_ms)}  p99 {ms(s.p99_ms)}  max {ms(s.max_ms)} ms  outbox {s.outbox:6d}  {cpu}"
+        f"p50 {ms(s.p50_ms)}  p99 {ms(s.p99_ms)}  max {ms(s.max_ms)} ms  outbox {s.outbox:6d}  {cpu}{disk}"
         f"{'  OUTAGE' if s.outage else ''}{'  member sync' if s.member_syncs else ''}"
     )
 
@@ -733,7 +849,8 @@ async def soak(rig: Rig, agent_pid: int, sandbox_pid: int, args: argparse.Namesp
             # -- the soak: load for total_s, a sample every sample_s ------------------------------------------
             loop = asyncio.get_running_loop()
             t0 = loop.time()
-            sampler = Sampler(rig, agent, sandbox, load, t0)
+            probe = stack.enter_context(DiskProbe(rig.db_path.parent))
+            sampler = Sampler(rig, agent, sandbox, load, t0, probe)
             await sampler.prime()
             baseline = await sampler.take()
             baseline.t_s = 0.0
@@ -879,6 +996,8 @@ def judge(run: Run, args: argparse.Namespace, exit_code: int) -> Verdict:
     late_max = max(late_p99) if late_p99 else math.nan
     over_factor = sum(1 for v in late_p99 if v > limit)
     over_budget = sum(1 for v in late_p99 if v > BUDGET_P99_MS)
+    # which of them the disk stalled (the probe's fdatasync, not the agent's): read with the agent's slow commits
+    over_disk = sum(1 for x in late if (x.p99_ms or 0) > BUDGET_P99_MS and x.disk_sync_max_ms > DISK_SLOW_MS)
     rss_max = max(s.rss_mb + s.children_rss_mb for s in run.samples)
     unanswered = run.load.taps.timeouts + run.load.taps.errors
     depth_late = [c + z for t, c, z in run.depths if half <= t <= run.total_s]
@@ -911,7 +1030,8 @@ def judge(run: Run, args: argparse.Namespace, exit_code: int) -> Verdict:
         Check(
             f"late p99 <= {BUDGET_P99_MS:g} ms (DESIGN 6), each interval",
             over_budget == 0 and not math.isnan(late_max),
-            f"max {late_max:.2f} ms; {over_budget} of {len(late_p99)} intervals over",
+            f"max {late_max:.2f} ms; {over_budget} of {len(late_p99)} intervals over"
+            + (f" ({over_disk} with a disk sync over {DISK_SLOW_MS:g} ms)" if over_budget else ""),
         ),
         Check(f"RSS < {BUDGET_RSS_MB:g} MB (DESIGN 6)", rss_max < BUDGET_RSS_MB, f"max {rss_max:.1f} MB"),
         Check(
@@ -948,7 +1068,8 @@ def sample_table(run: Run) -> Table:
     kids = any(s.children for s in run.samples)
     table = Table(title="soak samples (each row: the interval ending at that minute)", box=box.SIMPLE_HEAD)
     names = ["min", "RSS MB", "anon", *(["kids MB"] if kids else []), "fds", "taps/s", "p50 ms", "p99 ms", "max ms"]
-    names += ["dec p99<=", "ev/s", "cloud/s", "ziggy/s", "outbox c/z", "agent %", "others", ""]
+    names += ["dec p99<=", "slow commits", "disk max", "MB/s", "ev/s", "cloud/s", "ziggy/s", "outbox c/z", "agent %"]
+    names += ["others", ""]
     for name in names:
         table.add_column(name, justify="right" if name else "left", no_wrap=True)
     rows = [*run.samples, *([run.after_drain] if run.after_drain else [])]
@@ -967,6 +1088,9 @@ def sample_table(run: Run) -> Table:
             _ms(s.p99_ms),
             _ms(s.max_ms),
             f"{s.decision_p99_ms:g}" if s.decision_p99_ms is not None else "-",
+            (f"{s.slow_commits} (max {s.slow_commit_max_ms:.0f})" if s.slow_commits else "0") if i else "-",
+            f"{s.disk_sync_max_ms:.0f}" if i else "-",
+            f"{s.written_mb_per_s:.1f}" if i else "-",
             f"{s.events_per_s:.0f}" if i else "-",
             f"{s.cloud_calls_per_s:.0f}" if i else "-",
             f"{s.ziggy_calls_per_s:.0f}" if i else "-",
@@ -998,6 +1122,16 @@ def summary_table(run: Run, args: argparse.Namespace, import_s: float, stop: tup
     if len(run.load.outage) >= 2:
         o0, o1 = run.load.outage[0], run.load.outage[1]
         table.add_row("cloud outage (503 to all)", f"{o0 / 60:.2f}-{o1 / 60:.2f} min ({o1 - o0:.0f} s)")
+    disk_max = max((s.disk_sync_max_ms for s in intervals), default=0.0)
+    commit_max = max((s.slow_commit_max_ms for s in intervals), default=0.0)
+    table.add_row(
+        "disk and store",
+        f"disk probe (4 KiB fdatasync every {DISK_PROBE_S:g} s): max {disk_max:.0f} ms, "
+        f"{sum(s.disk_syncs_slow for s in intervals)} over {DISK_SLOW_MS:g} ms; agent: "
+        f"{sum(s.slow_commits for s in intervals)} commits over 100 ms (max {commit_max:.0f} ms), "
+        f"{sum(s.loop_stalls for s in intervals)} event loop stalls over 100 ms; agent wrote "
+        f"{statistics.median(s.written_mb_per_s for s in intervals) if intervals else 0:.1f} MB/s (median)",
+    )
     table.add_row(
         "taps",
         f"{len(lat):,} answered ({len(lat) / run.total_s:.1f}/s); timeouts {run.load.taps.timeouts}, "
@@ -1322,6 +1456,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "drain_s": round(run.drain_s, 1) if run.drain_s is not None else None,
         "outage_s": round(run.load.outage[1] - run.load.outage[0], 1) if len(run.load.outage) >= 2 else 0,
         "others_cores_median": round(statistics.median(s.others_cores for s in run.samples[1:]), 2),
+        "disk_sync_max_ms": round(max((s.disk_sync_max_ms for s in run.samples[1:]), default=0.0), 1),
+        "slow_commits": sum(s.slow_commits for s in run.samples[1:]),
+        "loop_stalls": sum(s.loop_stalls for s in run.samples[1:]),
+        "written_mb_per_s_median": round(statistics.median(s.written_mb_per_s for s in run.samples[1:]), 2),
         "runtime_s": round(time.monotonic() - started, 1),
         "failed": [c.name for c in verdict.checks if not c.passed],
     }
