@@ -68,6 +68,21 @@ def _num(f: Figures, key: str, fmt: str = "{:,.2f}") -> str:
     return "—" if value is None else fmt.format(value)
 
 
+def _soak_context(f: Figures) -> str:
+    """What else the soak judged, and the disk it ran on: a minute over budget reads differently when the
+    disk's own fdatasync stalled in it."""
+    out = ""
+    if "disk_sync_max_ms" in f:
+        out += (
+            f"; disk fdatasync max {_num(f, 'disk_sync_max_ms', '{:,.0f}')} ms, agent commits over 100 ms: "
+            f"{f.get('slow_commits', '?')}, loop stalls: {f.get('loop_stalls', '?')}"
+        )
+    failed = f.get("failed")
+    if isinstance(failed, list) and failed:
+        out += "; soak verdict FAIL on: " + "; ".join(str(c) for c in failed)
+    return out
+
+
 ROWS = (
     Row(
         "tap → reader response p99 ≤ 20 ms, embedded broker, 100,000 members, devices chattering (no destination)",
@@ -81,6 +96,7 @@ ROWS = (
         lambda f: (
             f"median **{_num(f, 'p99_ms_median')} ms**, max {_num(f, 'p99_ms_max')} ms"
             + f" over {_num(f, 'minutes', '{:g}')} min"
+            + _soak_context(f)
         ),
         lambda f: f.get("p99_ms_median") is not None and f["p99_ms_median"] <= 20,
     ),
