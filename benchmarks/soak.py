@@ -1445,6 +1445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "fds_slope_per_h": round(verdict.fds_fit.slope_per_h, 2),
         "p99_ms_median": round(statistics.median(p99s), 3) if p99s else None,
         "p99_ms_max": round(max(p99s), 3) if p99s else None,
+        "p99_ms_run": round(tl.percentile(sorted(run.load.all_latencies), 0.99), 3) if run.load.all_latencies else None,
         "outbox_max": max((c + z for _, c, z in run.depths), default=0),
         "pass": verdict.passed,
         "plot": str(out),

@@ -71,7 +71,7 @@ def _num(f: Figures, key: str, fmt: str = "{:,.2f}") -> str:
 def _soak_context(f: Figures) -> str:
     """What else the soak judged, and the disk it ran on: a minute over budget reads differently when the
     disk's own fdatasync stalled in it."""
-    out = ""
+    out = f"; whole run p99 {_num(f, 'p99_ms_run')} ms" if "p99_ms_run" in f else ""
     if "disk_sync_max_ms" in f:
         out += (
             f"; disk fdatasync max {_num(f, 'disk_sync_max_ms', '{:,.0f}')} ms, agent commits over 100 ms: "
