@@ -134,7 +134,7 @@ HOT: dict[str, Callable[[sqlite3.Connection], Any]] = {
 }
 
 
-def instructions(path: Path) -> dict[str, int]:
+def instructions(path: Path, queries: dict[str, Callable[[sqlite3.Connection], Any]] = HOT) -> dict[str, int]:
     conn = sqlite3.connect(path)
     conn.row_factory = sqlite3.Row  # as the store's connections
     counted = 0
@@ -146,7 +146,7 @@ def instructions(path: Path) -> dict[str, int]:
 
     out = {}
     try:
-        for name, run in HOT.items():
+        for name, run in queries.items():
             counted = 0
             conn.set_progress_handler(count, 1)
             run(conn)
@@ -177,17 +177,12 @@ async def test_hot_queries_do_not_walk_history(tmp_path: Path, analyze: bool) ->
 
 async def test_the_walk_is_caught(tmp_path: Path) -> None:
     """The counting sees a walk: the Ziggy check as it was written before grows with history."""
-    name = "ziggy: member's previous session pending"
     before = (
         "SELECT e.seq FROM sessions s JOIN events e ON e.session_id = s.session_id"
         " JOIN deliveries d ON d.seq = e.seq AND d.destination = 'ziggy'"
         " WHERE s.member_id = ? AND s.session_id != ? AND e.seq < ? AND d.state = 'pending' LIMIT 1"
     )
-    saved = HOT[name]
-    HOT[name] = _sql(before, (MEMBER, "s-now", 10**9))
-    try:
-        small = instructions(await _store(tmp_path / "small.db", SMALL))[name]
-        large = instructions(await _store(tmp_path / "large.db", LARGE))[name]
-    finally:
-        HOT[name] = saved
+    walk = {"before": _sql(before, (MEMBER, "s-now", 10**9))}
+    small = instructions(await _store(tmp_path / "small.db", SMALL), walk)["before"]
+    large = instructions(await _store(tmp_path / "large.db", LARGE), walk)["before"]
     assert large > 10 * small, (small, large)
