@@ -75,9 +75,11 @@ import outbox as ob  # the sandbox cloud in a subprocess
 import tap_latency as tl  # the agent's set-up, the readers' tap loop
 
 from agent import sim
+from agent.app import LOOP_STALL_S
 from agent.lan import topics
 from agent.sandbox.options import AgentSettings, SandboxOptions
 from agent.store import repo
+from agent.store.db import SLOW_S
 
 HOST = tl.HOST
 MB = 2**20
@@ -516,9 +518,9 @@ class Sample:
     db_mb: float
     outage: bool
     member_syncs: int  # member sync runs the agent finished in the interval (member_syncs_total, any result)
-    slow_commits: int = 0  # the agent's store_slow_commit warnings: a commit that took over 100 ms
+    slow_commits: int = 0  # the agent's store_slow_commit warnings: a commit over agent.store.db.SLOW_S
     slow_commit_max_ms: float = 0.0
-    loop_stalls: int = 0  # the agent's event_loop_stalled warnings: its loop over 100 ms late
+    loop_stalls: int = 0  # the agent's event_loop_stalled warnings: its loop over agent.app.LOOP_STALL_S late
     disk_sync_max_ms: float = 0.0  # the disk probe's slowest fdatasync in the interval
     disk_syncs_slow: int = 0  # probe syncs over DISK_SLOW_MS
     written_mb_per_s: float = 0.0  # what the agent wrote to storage (an SD card's wear)
@@ -1128,8 +1130,8 @@ def summary_table(run: Run, args: argparse.Namespace, import_s: float, stop: tup
         "disk and store",
         f"disk probe (4 KiB fdatasync every {DISK_PROBE_S:g} s): max {disk_max:.0f} ms, "
         f"{sum(s.disk_syncs_slow for s in intervals)} over {DISK_SLOW_MS:g} ms; agent: "
-        f"{sum(s.slow_commits for s in intervals)} commits over 100 ms (max {commit_max:.0f} ms), "
-        f"{sum(s.loop_stalls for s in intervals)} event loop stalls over 100 ms; agent wrote "
+        f"{sum(s.slow_commits for s in intervals)} commits over {SLOW_S * 1000:g} ms (max {commit_max:.0f} ms), "
+        f"{sum(s.loop_stalls for s in intervals)} event loop stalls over {LOOP_STALL_S * 1000:g} ms; agent wrote "
         f"{statistics.median(s.written_mb_per_s for s in intervals) if intervals else 0:.1f} MB/s (median)",
     )
     table.add_row(
